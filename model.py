@@ -1,0 +1,468 @@
+"""
+The LLaMA model (Touvron et al., 2023) as LIMA fine-tunes it, its tokenizer with LIMA's end-of-turn token,
+checkpoint loading (Meta and Hugging Face layouts) and LIMA's sampler. Parameter names match Meta's release,
+so a checkpoint loads with a plain load_state_dict.
+"""
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # < n_heads: grouped-query attention (Llama-2 34B/70B)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    dropout: float = 0.0  # residual dropout at the top layer, 0.0 at the bottom (LIMA §3)
+
+    @classmethod
+    def from_size(cls, name: str, **overrides) -> "ModelArgs":
+        """LLaMA-1's shapes (Touvron et al., 2023, Table 2) and a CPU-sized demo."""
+        sizes = {
+            "tiny": dict(dim=256, n_layers=4, n_heads=4, multiple_of=32),
+            "7B": dict(dim=4096, n_layers=32, n_heads=32),
+            "13B": dict(dim=5120, n_layers=40, n_heads=40),
+            "33B": dict(dim=6656, n_layers=60, n_heads=52),
+            "65B": dict(dim=8192, n_layers=80, n_heads=64),
+        }
+        sizes["30B"] = sizes["33B"]  # Meta's release calls 33B "30B"
+        if name not in sizes:
+            raise ValueError(f"unknown size {name!r}, expected one of {', '.join(sizes)}")
+        return cls(**{**sizes[name], **overrides})
+
+    @property
+    def hidden_dim(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)  # SwiGLU keeps the FLOPs of a 4*dim ReLU MLP
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in float32: bf16 sums of squares lose too much precision
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope(head_dim: int, start: int, length: int, theta: float, device) -> tuple:
+    """cos and sin of the rotation angles pos * theta^(-2i/head_dim), shape (length, head_dim/2)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(start, start + length, device=device).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[2i], x[2i+1]) of every head by its angle; x is (B, heads, T, head_dim)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads or args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache_k = self.cache_v = None  # (B, n_kv_heads, max_len, head_dim) while decoding
+
+    def forward(self, x, cos, sin, start_pos: int = 0, mask=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache_k is not None:
+            self.cache_k[:B, :, start_pos : start_pos + T] = k
+            self.cache_v[:B, :, start_pos : start_pos + T] = v
+            k, v = self.cache_k[:B, :, : start_pos + T], self.cache_v[:B, :, : start_pos + T]
+        if self.n_kv_heads < self.n_heads:  # grouped-query: each key/value head serves n_heads/n_kv_heads queries
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        if mask is None and start_pos == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU (Shazeer, 2020)
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # LIMA §3: residual dropout rises linearly from 0.0 at the bottom layer to args.dropout at the top
+        self.dropout = args.dropout * layer_id / max(1, args.n_layers - 1)
+
+    def forward(self, x, cos, sin, start_pos: int = 0, mask=None):
+        h = x + F.dropout(self.attention(self.attention_norm(x), cos, sin, start_pos, mask), self.dropout, self.training)
+        return h + F.dropout(self.feed_forward(self.ffn_norm(h)), self.dropout, self.training)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.apply(self._init_weights)  # only matters for a model trained from scratch (tiny)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens, start_pos: int = 0, key_mask=None):
+        """tokens (B, T) -> logits (B, T, vocab). With a cache (setup_cache), tokens sit at positions
+        start_pos.. and attend to everything cached before them; key_mask (B, start_pos + T), true on real
+        tokens, hides left padding."""
+        B, T = tokens.shape
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope(self.args.dim // self.args.n_heads, start_pos, T, self.args.rope_theta, tokens.device)
+        mask = None
+        if start_pos > 0 or key_mask is not None:
+            S = start_pos + T
+            query_pos = torch.arange(start_pos, S, device=tokens.device)[:, None]
+            key_pos = torch.arange(S, device=tokens.device)
+            mask = key_pos <= query_pos  # causal, (T, S)
+            if key_mask is not None:  # a padding query still sees itself, so no row is empty (NaN)
+                mask = (mask & key_mask[:, None, None, :S]) | (key_pos == query_pos)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos, mask)
+        return self.output(self.norm(h))
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None):
+        """Allocate a key/value cache for decoding up to max_len positions (prompt included)."""
+        p = self.output.weight
+        for layer in self.layers:
+            a = layer.attention
+            shape = (batch_size, a.n_kv_heads, max_len, a.head_dim)
+            a.cache_k = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
+            a.cache_v = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int):
+        """Add rows for new tokens (LIMA's EOT) to the embedding and output matrices, each initialised to the
+        mean of the existing rows, so the new token starts as an 'average' token rather than noise."""
+        old = self.args.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        for module in (self.tok_embeddings, self.output):
+            w = module.weight
+            new = w.mean(0, keepdim=True, dtype=torch.float32).to(w.dtype).expand(vocab_size - old, -1)
+            module.weight = nn.Parameter(torch.cat([w, new]), requires_grad=w.requires_grad)
+        self.tok_embeddings.num_embeddings = self.output.out_features = self.args.vocab_size = vocab_size
+
+    @classmethod
+    def from_pretrained(cls, path, vocab_size: Optional[int] = None, dtype=None, dropout: float = 0.0):
+        """Load a Meta-layout (params.json + consolidated.NN.pth) or Hugging Face (config.json + safetensors or
+        .bin) LLaMA directory; grow the vocabulary to vocab_size (adding EOT) if given. Tensors are memory-mapped
+        and filled into a model built on the meta device, so no second full copy is ever held."""
+        args, state_dict = load_checkpoint(path)
+        args.dropout = dropout
+        dtype = dtype or next(iter(state_dict.values())).dtype
+        with torch.device("meta"):
+            model = cls(args)
+        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, assign=True)
+        if vocab_size is not None and vocab_size != args.vocab_size:
+            model.grow_vocab(vocab_size)
+        return model
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file, key and shapes."""
+
+
+# Meta's model-parallel layout: how each weight was split across consolidated.NN.pth shards (norms are copied)
+META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+HF_NAMES = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output",
+}
+
+
+def expected_shapes(args: ModelArgs) -> dict:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in Transformer(args).state_dict().items()}
+
+
+def load_checkpoint(path) -> tuple:
+    """(ModelArgs, state dict in Meta's names) of a Meta or Hugging Face LLaMA directory, every key and shape
+    checked. Single-file tensors stay memory-mapped; Meta shards are merged one file at a time."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / "params.json").exists():
+        args, state_dict = _load_meta(path)
+    elif (path / "config.json").exists():
+        args, state_dict = _load_hf(path)
+    else:
+        raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face) found")
+    missing = expected_shapes(args).keys() - state_dict.keys()
+    if missing:
+        raise CheckpointError(f"{path}: missing {len(missing)} weights, e.g. {sorted(missing)[0]!r}")
+    return args, state_dict
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def _torch_load(file: Path) -> dict:
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
+        raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint ({e})") from None
+
+
+def _check(file, name, shapes, shape):
+    if name not in shapes:
+        raise CheckpointError(f"{file}: unexpected key {name!r}")
+    if tuple(shape) != tuple(shapes[name]):
+        raise CheckpointError(f"{file}: {name} has shape {tuple(shape)}, expected {tuple(shapes[name])}")
+
+
+def _load_meta(path: Path) -> tuple:
+    params = _read_json(path / "params.json")
+    known = {f.name for f in fields(ModelArgs)}
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shard")
+    expected_names = [f"consolidated.{i:02d}.pth" for i in range(len(files))]
+    for want, got in zip(expected_names, files):
+        if got.name != want:
+            raise CheckpointError(f"{path / want}: missing shard (found {', '.join(f.name for f in files)})")
+    first = _torch_load(files[0])
+    if "tok_embeddings.weight" not in first:
+        raise CheckpointError(f"{files[0]}: no tok_embeddings.weight")
+    if params.get("vocab_size", -1) <= 0:  # Meta's params.json says -1: the tokenizer decides
+        params["vocab_size"] = first["tok_embeddings.weight"].shape[0]
+    args = ModelArgs(**{k: v for k, v in params.items() if k in known})
+    shapes = expected_shapes(args)
+    n = len(files)
+    state_dict = {}
+    for i, file in enumerate(files):
+        shard, first = (first if i == 0 else _torch_load(file)), None
+        for name, tensor in shard.items():
+            if name == "rope.freqs":  # recomputed, not learned
+                continue
+            if name not in shapes:
+                raise CheckpointError(f"{file}: unexpected key {name!r}")
+            full = shapes[name]
+            dim = META_SPLIT_DIM.get(name.split(".")[-2])
+            if dim is None or n == 1:  # replicated (norms) or a single shard: take it whole
+                _check(file, name, shapes, tensor.shape)
+                if i == 0:
+                    state_dict[name] = tensor if n == 1 else tensor.clone()  # clone: let the shard's pages go
+                continue
+            part = full[dim] // n
+            want = full[:dim] + (part,) + full[dim + 1 :]
+            if full[dim] % n or tuple(tensor.shape) != tuple(want):
+                raise CheckpointError(
+                    f"{file}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want)} "
+                    f"(1/{n} of {tuple(full)} for {n} shards)")
+            if name not in state_dict:
+                state_dict[name] = torch.empty(full, dtype=tensor.dtype)
+            state_dict[name].narrow(dim, i * part, part).copy_(tensor)
+        del shard  # unmap this shard before reading the next
+    return args, state_dict
+
+
+def _hf_name(name: str) -> str:
+    """Hugging Face's name for a weight -> Meta's (model.layers.3.self_attn.q_proj.weight -> layers.3.attention.wq.weight)."""
+    stem, suffix = name.rsplit(".", 1)
+    if stem.startswith("model.layers."):
+        _, _, layer, sub = stem.split(".", 3)
+        return f"layers.{layer}.{HF_NAMES.get(sub, sub)}.{suffix}"
+    return f"{HF_NAMES.get(stem, stem)}.{suffix}"
+
+
+def _load_hf(path: Path) -> tuple:
+    config = _read_json(path / "config.json")
+    dim, hidden = config["hidden_size"], config["intermediate_size"]
+    args = ModelArgs(
+        dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
+        # HF stores the SwiGLU width itself; these two reproduce it through Meta's rounding rule
+        multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
+        norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0),
+        max_seq_len=config.get("max_position_embeddings", 2048))
+    assert args.hidden_dim == hidden
+    index = next((f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (path / f).exists()), None)
+    if index:
+        files = sorted({path / f for f in _read_json(path / index)["weight_map"].values()})
+    else:
+        files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{path}: config.json but no model*.safetensors or pytorch_model*.bin")
+    shapes = expected_shapes(args)
+    head_dim = dim // args.n_heads
+    state_dict = {}
+    for file in files:
+        if not file.exists():
+            raise CheckpointError(f"{file}: missing shard listed in {path / index}")
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open  # optional dependency, only for .safetensors checkpoints
+            with safe_open(file, framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            tensors = _torch_load(file)
+        for hf_name, tensor in tensors.items():
+            if hf_name.endswith("rotary_emb.inv_freq"):  # recomputed, not learned
+                continue
+            name = _hf_name(hf_name)
+            _check(file, name, shapes, tensor.shape)
+            if name.endswith(("wq.weight", "wk.weight")):
+                # HF permutes q/k rows to rotate halves instead of interleaved pairs; undo it for Meta's layout
+                heads = tensor.shape[0] // head_dim
+                tensor = tensor.view(heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(tensor.shape)
+            state_dict[name] = tensor
+    return args, state_dict
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """LLaMA's SentencePiece model plus LIMA's end-of-turn token EOT, a new id after the base vocabulary.
+    EOT ends every utterance; no role tags: turns alternate, user first (LIMA §2)."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer model not found")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.eot_id = self.sp.vocab_size()
+        self.n_words = self.eot_id + 1
+
+    def encode(self, text: str) -> list:
+        return self.sp.encode(text)
+
+    def encode_dialogue(self, turns: list) -> tuple:
+        """BOS, then each turn followed by EOT. mask is true on the assistant's tokens and their EOT:
+        the tokens the loss trains on."""
+        ids, mask = [self.bos_id], [False]
+        for i, turn in enumerate(turns):
+            piece = self.encode(turn) + [self.eot_id]
+            ids += piece
+            mask += [i % 2 == 1] * len(piece)
+        return ids, mask
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eot_id) and i < self.eot_id])
+
+
+# -----------------------------------------------------------------------------
+# Sampling (LIMA §2: nucleus p=0.9, temperature 0.7, repetition penalty 1.2 on previously generated tokens)
+
+
+def top_p_filter(probs, top_p: float):
+    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
+    sorted_probs[before >= top_p] = 0.0
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def sample_token(logits, generated=None, temperature=0.7, top_p=0.9, repetition_penalty=1.2, generator=None):
+    """Next token for each row of logits (B, vocab). The penalty divides positive and multiplies negative
+    logits of the tokens in generated (B, n), those already produced in this answer (Keskar et al., 2019)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and generated is not None and generated.shape[1] > 0:
+        seen = logits.gather(1, generated)
+        logits = logits.scatter(1, generated, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = top_p_filter(F.softmax(logits / temperature, dim=-1), top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperature=0.7, top_p=0.9,
+             repetition_penalty=1.2, generator=None):
+    """Decode a batch of prompts (lists of ids, left-padded together) with a KV cache; yields a (B,) tensor of
+    next tokens per step until every row has produced stop_id or max_new_tokens is reached. Rows that
+    have stopped keep yielding stop_id."""
+    device = model.output.weight.device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, model.args.max_seq_len - L)
+    tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+    key_mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        key_mask[i, : L - len(p)] = False
+    key_mask = key_mask if B > 1 else None  # a single prompt has no padding
+    model.setup_cache(B, L + max_new_tokens)
+    try:
+        logits = model(tokens, 0, key_mask)[:, -1]
+        generated = torch.empty(B, 0, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for pos in range(L, L + max_new_tokens):
+            nxt = sample_token(logits, generated, temperature, top_p, repetition_penalty, generator)
+            nxt = torch.where(done, stop_id, nxt)
+            yield nxt
+            done |= nxt == stop_id
+            if done.all():
+                break
+            generated = torch.cat([generated, nxt[:, None]], dim=1)
+            logits = model(nxt[:, None], pos, key_mask)[:, -1]
+    finally:
+        model.clear_cache()
