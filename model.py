@@ -292,6 +292,10 @@ def _load_meta(path: Path) -> tuple:
     args = ModelArgs(**{k: v for k, v in params.items() if k in known})
     shapes = expected_shapes(args)
     n = len(files)
+    split = args.dim // first["tok_embeddings.weight"].shape[1]  # how many ways the release was split
+    if split != n:
+        raise CheckpointError(f"{path / f'consolidated.{n:02d}.pth'}: missing shard (weights are split {split} "
+                              f"ways, found {n} files)")
     state_dict = {}
     for i, file in enumerate(files):
         shard, first = (first if i == 0 else _torch_load(file)), None

@@ -1,0 +1,312 @@
+"""model.py against Hugging Face's LlamaForCausalLM, Meta's checkpoint layout, and LIMA's dialogue format."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import CheckpointError, ModelArgs, Tokenizer, Transformer, load_checkpoint
+
+ROOT = Path(__file__).parent
+LLAMA_TOKENIZER = ROOT.parent / "shared" / "llama" / "tokenizer.model"
+
+
+def hf_model(n_kv_heads=4, vocab=96, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5, max_position_embeddings=128, rope_theta=10000.0,
+        tie_word_embeddings=False, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():  # non-trivial norm gains, so a norm loaded into the wrong place shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model
+
+
+def to_meta_layout(hf_sd, heads, kv_heads, dim, shards, out: Path):
+    """Write HF weights the way Meta released LLaMA: Meta names, rotary pairs interleaved, split across
+    `shards` model-parallel files (column-parallel on dim 0, row-parallel and embeddings on dim 1)."""
+    def unpermute(w, n):  # inverse of HF's convert_llama_weights_to_hf.permute
+        return w.view(n, 2, w.shape[0] // n // 2, dim).transpose(1, 2).reshape(w.shape)
+    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    meta = {"tok_embeddings.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd["model.norm.weight"],
+            "output.weight": hf_sd["lm_head.weight"]}
+    for k, v in hf_sd.items():
+        if k.startswith("model.layers."):
+            _, _, i, sub = k.rsplit(".", 1)[0].split(".", 3)
+            if sub == "self_attn.q_proj":
+                v = unpermute(v, heads)
+            if sub == "self_attn.k_proj":
+                v = unpermute(v, kv_heads)
+            meta[f"layers.{i}.{names[sub]}.weight"] = v
+    split = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+    out.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        part = {}
+        for k, v in meta.items():
+            dim_ = split.get(k.split(".")[-2])
+            part[k] = v.clone() if dim_ is None else v.chunk(shards, dim_)[s].clone()
+        part["rope.freqs"] = torch.zeros(dim // heads // 2)  # Meta's files carry this buffer
+        torch.save(part, out / f"consolidated.{s:02d}.pth")
+    (out / "params.json").write_text(json.dumps(
+        {"dim": dim, "n_layers": 2, "n_heads": heads, "n_kv_heads": kv_heads, "multiple_of": 16,
+         "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "vocab_size": -1}))
+    return out
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_logits_match_transformers(tmp_path, n_kv_heads):
+    ref = hf_model(n_kv_heads)
+    tokens = torch.randint(0, 96, (2, 37))
+    with torch.no_grad():
+        want = ref(tokens).logits
+    sd = ref.state_dict()
+    ref.save_pretrained(tmp_path / "hf_safetensors")
+    (tmp_path / "hf_bin").mkdir()
+    (tmp_path / "hf_bin" / "config.json").write_text((tmp_path / "hf_safetensors" / "config.json").read_text())
+    torch.save(sd, tmp_path / "hf_bin" / "pytorch_model.bin")
+    ref.save_pretrained(tmp_path / "hf_sharded", max_shard_size="100KB")  # several files + index json
+    assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").exists()
+    # multiple_of=16 with ffn_dim_multiplier 1.0: int(8*64/3)=170 -> 176, the HF intermediate_size
+    to_meta_layout(sd, 4, n_kv_heads, 64, 2, tmp_path / "meta")
+    for layout in ["hf_safetensors", "hf_bin", "hf_sharded", "meta"]:
+        model = Transformer.from_pretrained(tmp_path / layout).eval()
+        assert model.args.n_kv_heads == n_kv_heads and model.args.hidden_dim == 176
+        with torch.no_grad():
+            got = model(tokens)
+        err = (got - want).abs().max().item()
+        assert err <= 1e-5 * want.abs().max().item(), (layout, err)
+
+
+@pytest.mark.parametrize("size,count", [("7B", 6_738_415_616), ("13B", 13_015_864_320), ("33B", 32_528_943_616),
+                                        ("30B", 32_528_943_616), ("65B", 65_285_660_672)])
+def test_parameter_counts(size, count):
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_size(size))
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_unknown_size():
+    with pytest.raises(ValueError, match="unknown size '8B'"):
+        ModelArgs.from_size("8B")
+
+
+def test_residual_dropout_rises_linearly():
+    model = Transformer(ModelArgs.from_size("tiny", n_layers=4, vocab_size=10, dropout=0.3))
+    assert [b.dropout for b in model.layers] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    model.train()
+    x = torch.randint(0, 10, (1, 8))
+    assert not torch.equal(model(x), model(x))  # dropout active in training
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_cached_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_size("tiny", dim=64, n_layers=2, vocab_size=50, n_kv_heads=2)).eval()
+    tokens = torch.randint(0, 50, (3, 24))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(3, 24)
+        steps = [model(tokens[:, :7])] + [model(tokens[:, t : t + 1], t) for t in range(7, 20)]
+        steps.append(model(tokens[:, 20:], 20))  # a multi-token chunk after the cache (a new chat turn)
+        model.clear_cache()
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_left_padding_is_invisible():
+    """A left-padded prompt in a batch gets the logits it gets alone (RoPE is relative, padding is masked)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_size("tiny", dim=64, n_layers=2, vocab_size=50)).eval()
+    short = torch.randint(0, 50, (1, 5))
+    batch = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1).repeat(2, 1)
+    key_mask = torch.ones(2, 10, dtype=torch.bool)
+    key_mask[0, :4] = False
+    batch[1, :4] = torch.randint(0, 50, (4,))
+    with torch.no_grad():
+        alone = model(short)
+        model.setup_cache(2, 10)
+        padded = model(batch, 0, key_mask)
+        nxt = model(torch.tensor([[7], [7]]), 9, key_mask)
+        model.clear_cache()
+        alone_next = model(torch.cat([short, torch.tensor([[7]])], 1))[:, -1]
+    assert torch.allclose(padded[0, 4:], alone[0], atol=1e-5)
+    assert torch.allclose(nxt[0, 0], alone_next[0], atol=1e-5)
+
+
+def test_grow_vocab_adds_mean_rows():
+    model = Transformer(ModelArgs.from_size("tiny", dim=32, n_layers=1, vocab_size=20))
+    emb, out = model.tok_embeddings.weight.clone(), model.output.weight.clone()
+    model.grow_vocab(21)
+    assert model.tok_embeddings.weight.shape == (21, 32) and model.output.weight.shape == (21, 32)
+    assert torch.allclose(model.tok_embeddings.weight[20], emb.mean(0))
+    assert torch.allclose(model.output.weight[20], out.mean(0))
+    assert torch.equal(model.tok_embeddings.weight[:20], emb)
+    assert model(torch.tensor([[20, 3]])).shape == (1, 2, 21)
+
+
+def test_from_pretrained_grows_eot(tmp_path):
+    to_meta_layout(hf_model().state_dict(), 4, 4, 64, 1, tmp_path)
+    model = Transformer.from_pretrained(tmp_path, vocab_size=97)
+    assert model.args.vocab_size == 97 and model.output.weight.shape == (97, 64)
+
+
+# -----------------------------------------------------------------------------
+# Bad checkpoints: one clear error naming file, key and shapes
+
+
+@pytest.fixture
+def meta_dir(tmp_path):
+    return to_meta_layout(hf_model().state_dict(), 4, 4, 64, 2, tmp_path / "meta")
+
+
+def test_empty_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="neither params.json .* nor config.json"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_checkpoint(tmp_path / "nope")
+
+
+def test_missing_shard(meta_dir):
+    (meta_dir / "consolidated.01.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"consolidated.01.pth: missing shard"):
+        load_checkpoint(meta_dir)
+    (meta_dir / "consolidated.00.pth").rename(meta_dir / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated.00.pth: missing shard"):
+        load_checkpoint(meta_dir)
+
+
+def test_unknown_key_and_shape_mismatch(meta_dir):
+    shard = torch.load(meta_dir / "consolidated.01.pth", weights_only=True)
+    torch.save({**shard, "layers.0.attention.bias": torch.zeros(3)}, meta_dir / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated.01.pth: unexpected key 'layers.0.attention.bias'"):
+        load_checkpoint(meta_dir)
+    shard["layers.1.feed_forward.w2.weight"] = torch.zeros(64, 80)
+    torch.save(shard, meta_dir / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated.01.pth: layers.1.feed_forward.w2.weight has shape "
+                                              r"\(64, 80\), expected \(64, 88\)"):
+        load_checkpoint(meta_dir)
+
+
+def test_missing_key_and_bad_files(meta_dir, tmp_path):
+    for f in meta_dir.glob("consolidated.*.pth"):
+        shard = torch.load(f, weights_only=True)
+        del shard["layers.1.ffn_norm.weight"]
+        torch.save(shard, f)
+    with pytest.raises(CheckpointError, match=r"missing 1 weights, e.g. 'layers.1.ffn_norm.weight'"):
+        load_checkpoint(meta_dir)
+    (meta_dir / "consolidated.00.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"consolidated.00.pth: cannot be read as a weights-only"):
+        load_checkpoint(meta_dir)
+    (meta_dir / "params.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"params.json: not valid JSON"):
+        load_checkpoint(meta_dir)
+
+
+def test_hf_index_names_missing_file(tmp_path):
+    hf_model().save_pretrained(tmp_path, max_shard_size="100KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"{victim.name}: missing shard listed in .*index.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_hf_shape_mismatch(tmp_path):
+    ref = hf_model()
+    sd = ref.state_dict()
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(170, 64)
+    hf_model().config.save_pretrained(tmp_path)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: layers.0.feed_forward.w3.weight has shape "
+                                              r"\(170, 64\), expected \(176, 64\)"):
+        load_checkpoint(tmp_path)
+
+
+def test_load_peak_memory_is_one_copy(tmp_path):
+    """Merging 8 model-parallel shards never holds a second full copy: peak RSS growth <= 1.3x checkpoint."""
+    args = ModelArgs(dim=1024, n_layers=4, n_heads=8, vocab_size=8000, multiple_of=256)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    split = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+    full = {k: torch.randn(s) for k, s in shapes.items()}
+    size = sum(v.numel() * 4 for v in full.values())
+    for s in range(8):
+        part = {k: v if split.get(k.split(".")[-2]) is None else v.chunk(8, split[k.split(".")[-2]])[s].clone()
+                for k, v in full.items()}
+        torch.save(part, tmp_path / f"consolidated.{s:02d}.pth")
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 1024, "n_layers": 4, "n_heads": 8, "multiple_of": 256,
+                                                      "norm_eps": 1e-5, "vocab_size": -1}))
+    del full
+    code = ("import resource, sys, torch; from model import Transformer\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "m = Transformer.from_pretrained(sys.argv[1])\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    growth = int(out.stdout)
+    assert growth <= 1.3 * size, f"peak RSS grew {growth / size:.2f}x the checkpoint's {size / 2**20:.0f} MiB"
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: BOS, each turn followed by EOT, loss mask on the assistant's turns
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("spm")
+    text = ["Plan a trip to Kyoto in spring.", "Day one: temples. Day two: gardens and tea.",
+            "What about food?", "Try kaiseki, ramen and matcha sweets."] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(d / "t"), vocab_size=80,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, byte_fallback=False,
+                                   minloglevel=2)
+    return Tokenizer(d / "t.model"), spm.SentencePieceProcessor(model_file=str(d / "t.model"))
+
+
+@pytest.mark.parametrize("n_turns", [2, 4])
+def test_encode_dialogue(small_tokenizer, n_turns):
+    tok, sp = small_tokenizer
+    turns = ["Plan a trip to Kyoto.", "Day one: temples.", "What about food?", "Try ramen."][:n_turns]
+    assert tok.eot_id == sp.vocab_size() == 80 and tok.n_words == 81 and tok.bos_id == 1
+    ids, mask = tok.encode_dialogue(turns)
+    pieces = [sp.encode(t) for t in turns]
+    eot_at, pos = [], 1
+    for p in pieces:
+        pos += len(p)
+        eot_at.append(pos)
+        pos += 1
+    assert ids[0] == 1 and len(ids) == len(mask) == pos
+    assert [i for i, t in enumerate(ids) if t == 80] == eot_at
+    for k, p in enumerate(pieces):  # each turn's tokens sit right before its EOT
+        assert ids[eot_at[k] - len(p) : eot_at[k]] == p
+    # mask: exactly the assistant turns (odd k) and their EOT
+    want = [False]
+    for k, p in enumerate(pieces):
+        want += [k % 2 == 1] * (len(p) + 1)
+    assert mask == want
+    assert tok.decode(ids) == sp.decode(sum(pieces, []))
+
+
+def test_llama_tokenizer():
+    if not LLAMA_TOKENIZER.exists():
+        pytest.skip(f"{LLAMA_TOKENIZER} not found: the real LLaMA tokenizer check needs it")
+    tok = Tokenizer(LLAMA_TOKENIZER)
+    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.n_words) == (1, 2, 32000, 32001)
+    assert tok.encode("plan a trip") == [3814, 263, 17487]  # '▁plan', '▁a', '▁trip' in LLaMA's vocabulary
+    ids, mask = tok.encode_dialogue(["plan a trip", "Go to Rome."])
+    assert ids[:5] == [1, 3814, 263, 17487, 32000] and ids[-1] == 32000 and 2 not in ids
+    assert mask == [False] * 5 + [True] * (len(ids) - 5)
+    assert tok.decode(ids) == "plan a trip Go to Rome."
+
+
+def test_tokenizer_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+        Tokenizer(tmp_path / "tokenizer.model")
