@@ -1,0 +1,234 @@
+"""prepare.py end to end: the sample, the real LIMA data (when present beside the checkout) and every bad input."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from model import Tokenizer
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE = ROOT / "data" / "sample.jsonl"
+LIMA = ROOT.parent / "shared" / "lima" / "train.jsonl"
+LLAMA = ROOT.parent / "shared" / "llama" / "tokenizer.model"
+OUTPUTS = {"train.pt", "dev.pt", "tokenizer.model"}
+KEYS = {"ids", "mask", "conversations", "source", "eot_id", "n_words", "tokenizer_sha256", "max_len"}
+
+
+def prepare(*args):
+    return subprocess.run([sys.executable, "prepare.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def tree(path):
+    """{relative path: sha256} of every file under path."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample") / "prepared"
+    start = time.perf_counter()
+    result = prepare("--out", out)
+    return out, result, time.perf_counter() - start
+
+
+def test_sample_data_covers_lima_kinds_of_requests():
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 40
+    assert all(set(r) == {"conversations", "source"} and len(r["conversations"]) % 2 == 0 for r in rows)
+    assert sum(4 <= len(r["conversations"]) <= 6 for r in rows) >= 5
+    sources = {r["source"] for r in rows}
+    assert {"travel", "alternate_history", "advice", "how_to", "code", "explanation", "writing"} <= sources
+
+
+def test_sample_prepares_in_seconds(sample):
+    out, result, seconds = sample
+    assert result.returncode == 0, result.stderr
+    assert seconds < 30, f"prepare.py took {seconds:.1f}s on the sample"
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    assert [p.name for p in out.parent.iterdir()] == ["prepared"]  # no temporary directory left beside it
+    assert "47 dialogues (42 train, 5 dev), 118 turns" in result.stdout
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    train, dev = load(out / "train.pt"), load(out / "dev.pt")
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    for data in (train, dev):
+        assert set(data) == KEYS
+        assert data["eot_id"] == sp.vocab_size() == 2000 and data["n_words"] == 2001 and data["max_len"] == 2048
+        assert data["tokenizer_sha256"] == hashlib.sha256((out / "tokenizer.model").read_bytes()).hexdigest()
+        for ids, mask in zip(data["ids"], data["mask"], strict=True):
+            assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape
+            assert ids[0] == 1 and ids[-1] == 2000 and mask[-1] and not mask[0]  # BOS ... EOT; none trimmed
+    assert len(train["ids"]) == 42 and len(dev["ids"]) == 5
+    # every input dialogue lands in exactly one split, training order kept
+    assert sorted(map(json.dumps, train["conversations"] + dev["conversations"])) == \
+        sorted(json.dumps(r["conversations"]) for r in rows)
+    kept = [r for r in rows if r["conversations"] not in dev["conversations"]]
+    assert train["conversations"] == [r["conversations"] for r in kept]
+    assert train["source"] == [r["source"] for r in kept]
+
+
+def test_known_dialogue_position_by_position(sample):
+    out = sample[0]
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    eot = sp.vocab_size()
+    train, dev = load(out / "train.pt"), load(out / "dev.pt")
+    data = train if any(c[0].startswith("My Python code gives") for c in train["conversations"]) else dev
+    k = next(k for k, c in enumerate(data["conversations"]) if c[0].startswith("My Python code gives"))
+    turns = data["conversations"][k]
+    assert len(turns) == 6
+    ids, mask = data["ids"][k].tolist(), data["mask"][k].tolist()
+    want_ids, want_mask = [1], [False]  # BOS, never trained on
+    for i, turn in enumerate(turns):
+        piece = sp.encode(turn) + [eot]  # every utterance ends with EOT (LIMA §2)
+        want_ids += piece
+        want_mask += [i % 2 == 1] * len(piece)  # loss on the assistant's tokens and their EOT
+    assert len(ids) == len(want_ids) and sum(want_mask) == sum(mask)
+    for pos, (got, want, m, wm) in enumerate(zip(ids, want_ids, mask, want_mask)):
+        assert (got, m) == (want, wm), f"position {pos}"
+    # read back: the EOT-separated spans decode to the original turns, masked spans exactly the assistant's
+    spans, span, masked = [], [], []
+    for i, m in zip(ids[1:], mask[1:]):
+        if i == eot:
+            spans.append(sp.decode(span))
+            masked.append(m)
+            span = []
+        else:
+            span.append(i)
+    assert spans == turns and masked == [False, True] * 3
+
+
+def test_trained_tokenizer_round_trips_any_text(sample):
+    sp = spm.SentencePieceProcessor(model_file=str(sample[0] / "tokenizer.model"))
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    for turn in (t for r in rows for t in r["conversations"]):
+        assert sp.decode(sp.encode(turn)) == turn  # indentation, newlines and digits survive
+    text = "日本語 ∑ 🙂 naïve\n\tcode()  "
+    assert 0 not in sp.encode(text) and sp.decode(sp.encode(text)) == text  # byte fallback: no <unk>
+
+
+def test_same_input_same_output_and_replaces_earlier_output(sample, tmp_path):
+    out = tmp_path / "prepared"
+    shutil.copytree(sample[0], out)
+    result = prepare("--out", out)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared"]
+    assert (out / "tokenizer.model").read_bytes() == (sample[0] / "tokenizer.model").read_bytes()
+    for name in ("train.pt", "dev.pt"):
+        a, b = load(out / name), load(sample[0] / name)
+        assert a["conversations"] == b["conversations"]
+        assert all(torch.equal(x, y) for x, y in zip(a["ids"] + a["mask"], b["ids"] + b["mask"], strict=True))
+
+
+def test_lima_train_numbers(tmp_path):
+    for path in (LIMA, LLAMA):
+        if not path.exists():
+            pytest.skip(f"../{path.relative_to(ROOT.parent)} not found")
+    out = tmp_path / "lima"
+    result = prepare("--input", LIMA, "--tokenizer", LLAMA, "--dev", 0, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "1,022 dialogues (1,022 train, 0 dev), 2,044 turns" in result.stdout
+    assert ("tokens: 718,845 before trimming; 68 dialogues trimmed at 2,048, leaving 679,203 tokens, "
+            "of which 617,132 supervised") in result.stdout
+    assert "p50 479," in result.stdout and "max 3,921" in result.stdout
+    train, dev = load(out / "train.pt"), load(out / "dev.pt")
+    assert len(dev["ids"]) == 0 and len(train["ids"]) == 1022
+    assert sum(len(ids) for ids in train["ids"]) == 679_203
+    assert sum(int(mask.sum()) for mask in train["mask"]) == 617_132
+    assert max(len(ids) for ids in train["ids"]) == 2048
+    assert train["eot_id"] == 32000 and train["n_words"] == 32001 and train["max_len"] == 2048
+    assert (out / "tokenizer.model").read_bytes() == LLAMA.read_bytes()
+    assert train["tokenizer_sha256"] == hashlib.sha256(LLAMA.read_bytes()).hexdigest()
+    # the untrimmed count, recomputed from the saved raw turns; a trimmed dialogue is the untrimmed one's prefix
+    tok = Tokenizer(LLAMA)
+    full = [tok.encode_dialogue(c) for c in train["conversations"]]
+    assert sum(len(ids) for ids, _ in full) == 718_845
+    long = [k for k, (ids, _) in enumerate(full) if len(ids) > 2048]
+    assert len(long) == 68
+    k = long[0]
+    assert train["ids"][k].tolist() == full[k][0][:2048] and train["mask"][k].tolist() == full[k][1][:2048]
+
+
+GOOD = '{"conversations": ["Hi there.", "Hello! How can I help?"], "source": "test"}\n'
+BAD_LINES = {  # name: (bad line, placed at line 3 after two good ones; what the message must say)
+    "invalid_json": ('{"conversations": ["a", "b"]', "invalid JSON"),
+    "bad_utf8": (b'{"conversations": ["caf\xe9", "b"]}', "invalid JSON"),
+    "not_an_object": ('["a", "b"]', '"conversations"'),
+    "no_conversations": ('{"source": "x"}', '"conversations"'),
+    "conversations_not_list": ('{"conversations": "a b"}', "expected a list"),
+    "non_string_turn": ('{"conversations": ["a", 42]}', "turn 2 is 42"),
+    "empty_turn": ('{"conversations": ["a", ""]}', 'turn 2 is ""'),
+    "blank_turn": ('{"conversations": ["  \\n ", "b"]}', "turn 1"),
+    "test_prompt": ('{"conversations": ["What is LIMA?"]}', "test example"),
+    "no_turns": ('{"conversations": []}', "0 turns"),
+    "ends_with_user": ('{"conversations": ["a", "b", "c"]}', "3 turns"),
+    "source_not_string": ('{"conversations": ["a", "b"], "source": 7}', '"source"'),
+}
+
+
+def bad_cases(base):
+    """(name, args, text the one-line message must hold, whether a good OUT exists beforehand)"""
+    cases = []
+    for i, (name, (line, says)) in enumerate(BAD_LINES.items()):
+        path = base / name / "data.jsonl"
+        path.parent.mkdir()
+        line = line if isinstance(line, bytes) else line.encode()
+        path.write_bytes((GOOD * 2).encode() + line + b"\n" + GOOD.encode())
+        cases.append((name, ["--input", path], [f"{path}:3:", says], i % 2 == 0))
+    for name, content in (("empty_file", ""), ("blank_file", "\n  \n")):
+        path = base / name / "data.jsonl"
+        path.parent.mkdir()
+        path.write_text(content)
+        cases.append((name, ["--input", path], [f"{path}:1:", "empty file"], name == "empty_file"))
+    for name, args, says, existing in [
+        ("missing_input", ["--input", base / "nope.jsonl"], [f"{base / 'nope.jsonl'}:", "no such"], True),
+        ("missing_tokenizer", ["--tokenizer", base / "nope.model"], [f"{base / 'nope.model'}:"], False),
+        ("not_a_tokenizer", ["--tokenizer", SAMPLE], [f"{SAMPLE}:", "SentencePiece"], True),
+        ("dev_too_large", ["--dev", 47], ["--dev 47", "0 to 46"], False),
+        ("dev_negative", ["--dev", -1], ["--dev -1"], True),
+        ("max_len_too_small", ["--max_len", 1], ["--max_len 1", "at least 2"], False),
+        ("max_len_not_int", ["--max_len", "lots"], ["--max_len", "invalid int"], True),
+        ("vocab_too_small", ["--vocab_size", 100], ["--vocab_size 100", "data/sample.jsonl"], False),
+    ]:
+        (base / name).mkdir()
+        cases.append((name, args, says, existing))
+    return cases
+
+
+def test_bad_input_one_line_no_output(sample, tmp_path):
+    cases = bad_cases(tmp_path)
+    for name, _, _, existing in cases:
+        if existing:
+            shutil.copytree(sample[0], tmp_path / name / "out" / "prepared")
+    before = {name: tree(tmp_path / name) for name, *_ in cases}
+
+    for name, args, says, existing in cases:
+        result = prepare(*args, "--out", tmp_path / name / "out" / "prepared")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0, name
+        assert "Traceback" not in result.stderr, f"{name}: {result.stderr}"
+        assert result.stdout == "", name
+        if name != "max_len_not_int":  # argparse's own error comes after its usage line
+            assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {result.stderr}"
+        assert all(s in lines[-1] for s in says), f"{name}: {lines[-1]!r} should say {says}"
+        assert tree(tmp_path / name) == before[name], f"{name}: files changed"
+        out_parent = tmp_path / name / "out"
+        assert not out_parent.exists() or [p.name for p in out_parent.iterdir()] == ["prepared"], name
+
+
+def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    result = prepare("--out", tmp_path)
+    assert result.returncode == 1 and "not an earlier prepare.py output" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
