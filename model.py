@@ -420,19 +420,27 @@ class Tokenizer:
 
 def top_p_filter(probs, top_p: float):
     """Zero all but the smallest set of most likely tokens whose total probability reaches top_p."""
+    if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
+        return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
     sorted_probs[before >= top_p] = 0.0
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
+def penalize(logits, generated, penalty: float):
+    """Repetition penalty (Keskar et al., 2019) on the tokens in generated (B, n), those already produced in
+    this answer: their positive logits are divided by penalty and their negative ones multiplied, so either
+    way they become less likely. Other tokens' logits are unchanged."""
+    if penalty == 1.0 or generated is None or generated.shape[1] == 0:
+        return logits
+    seen = logits.gather(1, generated)
+    return logits.scatter(1, generated, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
 def sample_token(logits, generated=None, temperature=0.7, top_p=0.9, repetition_penalty=1.2, generator=None):
-    """Next token for each row of logits (B, vocab). The penalty divides positive and multiplies negative
-    logits of the tokens in generated (B, n), those already produced in this answer (Keskar et al., 2019)."""
-    logits = logits.float()
-    if repetition_penalty != 1.0 and generated is not None and generated.shape[1] > 0:
-        seen = logits.gather(1, generated)
-        logits = logits.scatter(1, generated, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+    """Next token for each row of logits (B, vocab); temperature 0 is greedy."""
+    logits = penalize(logits.float(), generated, repetition_penalty)
     if temperature == 0:
         return logits.argmax(-1)
     probs = top_p_filter(F.softmax(logits / temperature, dim=-1), top_p)
@@ -441,32 +449,42 @@ def sample_token(logits, generated=None, temperature=0.7, top_p=0.9, repetition_
 
 @torch.no_grad()
 def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperature=0.7, top_p=0.9,
-             repetition_penalty=1.2, generator=None):
+             repetition_penalty=1.2, generator=None, start_pos: int = 0):
     """Decode a batch of prompts (lists of ids, left-padded together) with a KV cache; yields a (B,) tensor of
-    next tokens per step until every row has produced stop_id or max_new_tokens is reached. Rows that
-    have stopped keep yielding stop_id."""
+    next tokens per step until every row has produced stop_id or max_new_tokens is reached (never past the
+    context). Rows that have stopped keep yielding stop_id. The last token yielded is not fed to the model.
+    If the model already has a cache (setup_cache), the prompts continue what it holds at positions
+    < start_pos (a chat's earlier turns) and the cache is kept; otherwise one is made for this call."""
     device = model.output.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, model.args.max_seq_len - L)
+    cache = model.layers[0].attention.cache_k
+    own_cache = cache is None
+    context = model.args.max_seq_len if own_cache else cache.shape[2]
+    max_new_tokens = min(max_new_tokens, context - start_pos - L)
+    if max_new_tokens < 1:
+        return
+    end = start_pos + L + max_new_tokens
     tokens = torch.zeros(B, L, dtype=torch.long, device=device)
-    key_mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=device)
+    key_mask = torch.ones(B, end, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        key_mask[i, : L - len(p)] = False
+        key_mask[i, start_pos : start_pos + L - len(p)] = False
     key_mask = key_mask if B > 1 else None  # a single prompt has no padding
-    model.setup_cache(B, L + max_new_tokens)
+    if own_cache:
+        model.setup_cache(B, end)
     try:
-        logits = model(tokens, 0, key_mask)[:, -1]
+        logits = model(tokens, start_pos, key_mask)[:, -1]
         generated = torch.empty(B, 0, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        for pos in range(L, L + max_new_tokens):
+        for pos in range(start_pos + L, end):
             nxt = sample_token(logits, generated, temperature, top_p, repetition_penalty, generator)
             nxt = torch.where(done, stop_id, nxt)
             yield nxt
             done |= nxt == stop_id
-            if done.all():
+            if done.all() or pos + 1 == end:
                 break
             generated = torch.cat([generated, nxt[:, None]], dim=1)
             logits = model(nxt[:, None], pos, key_mask)[:, -1]
     finally:
-        model.clear_cache()
+        if own_cache:
+            model.clear_cache()

@@ -1,0 +1,188 @@
+"""
+Talk to a LIMA model with the decoding LIMA was evaluated with (LIMA §2): nucleus sampling p = 0.9, temperature
+0.7, a repetition penalty of 1.2 on previously generated tokens, at most 2,048 tokens; an answer ends at EOT.
+
+$ python sample.py "Plan a three-day trip to Kyoto."            # newest out/epoch_*, the answer streams to stdout
+$ python sample.py --chat --ckpt out/epoch_07                   # multi-turn, the history kept in the KV cache
+$ python sample.py --prompts test.jsonl --output answers.jsonl  # a file of prompts, decoded in batches, resumable
+"""
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+# flags are checked before torch loads, so --help and a bad value answer at once
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("prompt", nargs="?", help="one prompt; its answer streams to stdout")
+parser.add_argument("--ckpt", help="checkpoint directory, Meta or Hugging Face layout (default: newest out/epoch_*)")
+parser.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model)")
+parser.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 is greedy")
+parser.add_argument("--top_p", type=float, default=0.9,
+                    help="nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p")
+parser.add_argument("--repetition_penalty", type=float, default=1.2,
+                    help="applies to the tokens already generated in this answer (LIMA's 'previously generated "
+                    "tokens'; the prompt is not penalised): their positive logits are divided by it and their "
+                    "negative logits multiplied by it; 1 turns it off")
+parser.add_argument("--max_new_tokens", type=int, default=2048, help="longest answer, never past the model's context")
+parser.add_argument("--seed", type=int, help="random seed, for reproducible answers")
+parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat; Ctrl-D or Ctrl-C leaves")
+parser.add_argument("--prompts", help="answer each prompt of a text file (one per line) or of a jsonl file "
+                    "(the first turn of 'conversations', e.g. GAIR/lima's test set)")
+parser.add_argument("--output", help="jsonl for --prompts' answers; a rerun skips the prompts already in it")
+parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together with --prompts")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+args = parser.parse_args()
+if (args.prompt is not None) + args.chat + (args.prompts is not None) != 1:
+    parser.error("give exactly one of: a PROMPT, --chat, --prompts FILE")
+if (args.prompts is None) != (args.output is None):
+    parser.error("--prompts FILE and --output FILE.jsonl go together")
+for ok, flag, want in [(0 < args.top_p <= 1, "top_p", "in (0, 1]"), (args.temperature >= 0, "temperature", ">= 0"),
+                       (args.repetition_penalty >= 1, "repetition_penalty", ">= 1 (1 is no penalty)"),
+                       (args.max_new_tokens >= 1, "max_new_tokens", ">= 1"), (args.batch_size >= 1, "batch_size", ">= 1")]:
+    if not ok:
+        sys.exit(f"error: --{flag} must be {want}, got {getattr(args, flag)}")
+
+if args.ckpt is None:  # the demo's newest epoch, by number
+    epochs = [p for p in Path("out").glob("epoch_*") if p.name[6:].isdigit()]
+    if not epochs:
+        sys.exit("error: no checkpoint in out/: make one with `python prepare.py && python train.py --size tiny`, "
+                 "or pass --ckpt DIR")
+    args.ckpt = max(epochs, key=lambda p: int(p.name[6:]))
+ckpt = Path(args.ckpt)
+if not ckpt.is_dir():
+    sys.exit(f"error: --ckpt {ckpt}: no such directory")
+tok_path = Path(args.tokenizer or ckpt / "tokenizer.model")
+if not tok_path.is_file():
+    sys.exit(f"error: --tokenizer {tok_path}: no such file" if args.tokenizer else
+             f"error: {tok_path} not found (a base LLaMA directory has none): pass --tokenizer FILE")
+
+if args.prompts:
+    src, out = Path(args.prompts), Path(args.output)
+    if not src.is_file():
+        sys.exit(f"error: --prompts {src}: no such file")
+    if not out.parent.is_dir():
+        sys.exit(f"error: --output {out}: no directory {out.parent}")
+    prompts = []  # (line number, prompt)
+    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if src.suffix != ".jsonl":
+            prompts.append((n, line.strip()))
+            continue
+        try:
+            prompt = json.loads(line)["conversations"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            prompt = None
+        if not isinstance(prompt, str):
+            sys.exit(f'error: {src}:{n}: expected a JSON object whose "conversations" list starts with the prompt')
+        prompts.append((n, prompt))
+    done = Counter()  # resume: prompts already answered in --output
+    if out.exists():
+        for n, line in enumerate(out.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                done[json.loads(line)["prompt"]] += 1
+            except (ValueError, KeyError, TypeError):
+                sys.exit(f'error: {out}:{n}: not an answer line (JSON with "prompt"); remove it to resume')
+    todo = []
+    for n, prompt in prompts:
+        if done[prompt] > 0:
+            done[prompt] -= 1
+        else:
+            todo.append((n, prompt))
+
+import torch
+from tqdm import tqdm
+
+from model import CheckpointError, Tokenizer, Transformer, generate
+
+device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+dtype = torch.float32 if device == "cpu" else torch.bfloat16
+if args.seed is not None:
+    torch.manual_seed(args.seed)
+try:
+    tok = Tokenizer(tok_path)
+except (OSError, RuntimeError) as e:
+    sys.exit(f"error: {tok_path}: not a SentencePiece model ({e})")
+try:
+    model = Transformer.from_pretrained(ckpt, dtype=dtype)
+except CheckpointError as e:
+    sys.exit(f"error: {e}")
+if model.args.vocab_size not in (tok.n_words - 1, tok.n_words):  # a base LLaMA lacks only EOT
+    sys.exit(f"error: {ckpt} has {model.args.vocab_size} tokens but {tok_path} has {tok.n_words} with EOT: "
+             f"not the tokenizer it was trained with")
+model.grow_vocab(tok.n_words)
+model = model.to(device).eval()
+if args.compile:
+    model = torch.compile(model)
+context = model.args.max_seq_len
+
+
+def stream(ids, start_pos=0):
+    """Print the answer to the dialogue ids as it is generated; positions < start_pos are already in the cache.
+    Returns the answer's tokens, ending with EOT unless cut off by --max_new_tokens or the context."""
+    answer, shown = [], ""
+    for t in generate(model, [ids[start_pos:]], tok.eot_id, args.max_new_tokens, args.temperature, args.top_p,
+                      args.repetition_penalty, start_pos=start_pos):
+        answer.append(t.item())
+        text = tok.decode(answer)  # the whole answer: SentencePiece spacing depends on the neighbouring pieces
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(flush=True)
+    return answer
+
+
+try:
+    if args.prompt is not None:
+        ids, _ = tok.encode_dialogue([args.prompt])  # BOS, prompt, EOT: the answer is the next turn
+        if len(ids) >= context:
+            sys.exit(f"error: the prompt is {len(ids)} tokens; the model's context is {context}")
+        stream(ids)
+    elif args.chat:
+        room = min(args.max_new_tokens, context // 2)  # kept free for each answer; the oldest turns make way
+        turns, cached = [], 0  # each utterance's tokens with its EOT; the cache holds the dialogue's first `cached`
+        model.setup_cache(1, context)
+        while True:
+            try:
+                turns.append(tok.encode(input("> ")) + [tok.eot_id])
+            except EOFError:
+                print()
+                break
+            while len(turns) > 1 and 1 + sum(map(len, turns)) + room > context:
+                turns, cached = turns[2:], 0  # drop the oldest exchange; the rest is prefilled again
+            ids = [tok.bos_id] + sum(turns, [])
+            if len(ids) >= context:
+                print(f"error: that message is {len(ids)} tokens; the model's context is {context}", file=sys.stderr)
+                turns.pop()
+                continue
+            answer = stream(ids, cached)  # feeds only what the cache lacks: the new user turn
+            cached = len(ids) + len(answer) - 1  # generate does not feed the last token it yields
+            turns.append(answer if answer[-1] == tok.eot_id else answer + [tok.eot_id])
+    else:
+        batches = []
+        for n, prompt in todo:
+            ids, _ = tok.encode_dialogue([prompt])
+            if len(ids) >= context:
+                sys.exit(f"error: {src}:{n}: the prompt is {len(ids)} tokens; the model's context is {context}")
+            batches.append(ids)
+        if len(todo) < len(prompts):
+            print(f"{out}: {len(prompts) - len(todo)} prompts already answered, {len(todo)} to go", file=sys.stderr)
+        with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="prompt") as bar:
+            for b in range(0, len(todo), args.batch_size):
+                batch = batches[b : b + args.batch_size]
+                answers, stopped = [[] for _ in batch], [False] * len(batch)
+                for nxt in generate(model, batch, tok.eot_id, args.max_new_tokens, args.temperature, args.top_p,
+                                    args.repetition_penalty):
+                    for i, t in enumerate(nxt.tolist()):
+                        stopped[i] = stopped[i] or t == tok.eot_id
+                        if not stopped[i]:
+                            answers[i].append(t)
+                f.write("".join(json.dumps({"prompt": p, "response": tok.decode(a), "tokens": len(a),
+                                            "stopped_at_eot": s}, ensure_ascii=False) + "\n"
+                                for (_, p), a, s in zip(todo[b : b + args.batch_size], answers, stopped)))
+                f.flush()  # whole lines, batch by batch: an interrupted run keeps every finished answer
+                bar.update(len(batch))
+except KeyboardInterrupt:  # Ctrl-C: leave without a traceback (--output keeps the batches already written)
+    print(file=sys.stderr)
+    sys.exit(0 if args.chat else 130)

@@ -1,0 +1,318 @@
+"""LIMA's sampler (model.py) and sample.py's command line: single prompt, chat, and a file of prompts."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ModelArgs, Tokenizer, Transformer, generate, penalize, sample_token, top_p_filter
+
+ROOT = Path(__file__).parent
+NEVER = -1  # a stop id no model produces
+
+
+def tiny_model(vocab=48, max_seq_len=128, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=vocab, multiple_of=32,
+                                  max_seq_len=max_seq_len))
+    with torch.no_grad():  # larger than the training init, for peaked distributions with clear winners
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+def greedy_reference(model, ids, n, penalty=1.0, stop_id=NEVER):
+    """Greedy answer by a full forward pass over the whole sequence at every step, no cache."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq]))[:, -1]
+            seq.append(penalize(logits, torch.tensor([seq[len(ids):]]), penalty).argmax(-1).item())
+            if seq[-1] == stop_id:
+                break
+    return seq[len(ids):]
+
+
+def run_generate(model, prompts, n, stop_id=NEVER, **kw):
+    """generate's per-row answers, each cut after its stop_id."""
+    rows = [[] for _ in prompts]
+    for nxt in generate(model, prompts, stop_id, n, **kw):
+        for row, t in zip(rows, nxt.tolist()):
+            if not row or row[-1] != stop_id:
+                row.append(t)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The sampler
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.2])
+def test_greedy_cached_decoding_equals_full_forward(penalty):
+    model = tiny_model()
+    prompt = [1, 5, 9, 3, 7, 7, 2]
+    got = run_generate(model, [prompt], 40, temperature=0, repetition_penalty=penalty)[0]
+    assert got == greedy_reference(model, prompt, 40, penalty)
+    assert len(got) == 40 and len(set(got)) > 3  # a real sequence, not one token repeated
+    assert model.layers[0].attention.cache_k is None  # generate made its own cache and freed it
+
+
+def test_generate_continues_a_cached_dialogue():
+    """Chat: the second turn is fed at start_pos on top of the cached first one, as if decoded from scratch."""
+    model = tiny_model()
+    model.setup_cache(1, 64)
+    first = [1, 5, 9, 3, 47]
+    a1 = run_generate(model, [first], 6, temperature=0)[0]
+    dialogue = first + a1 + [47, 4, 8, 11, 47]
+    cached = len(first) + len(a1) - 1  # the last token yielded is not fed
+    a2 = run_generate(model, [dialogue[cached:]], 8, temperature=0, start_pos=cached)[0]
+    assert model.layers[0].attention.cache_k is not None  # the caller's cache is kept
+    assert len(run_generate(model, [[1, 2]], 100, temperature=0, start_pos=60)[0]) == 2  # the cache ends at 64
+    model.clear_cache()
+    assert a1 == greedy_reference(model, first, 6, 1.2)
+    assert a2 == greedy_reference(model, dialogue, 8, 1.2)
+
+
+def test_never_past_the_context():
+    model = tiny_model(max_seq_len=32)
+    assert len(run_generate(model, [list(range(1, 30))], 100, temperature=0)[0]) == 3
+    assert run_generate(model, [list(range(32))], 100, temperature=0) == [[]]
+
+
+def kept(probs, p):
+    return top_p_filter(torch.tensor([probs]), p)[0].nonzero().flatten().tolist()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = [0.0625, 0.5, 0.0, 0.25, 0.125, 0.0625]  # exact in binary, so sums are exact
+    assert kept(probs, 0.5) == [1]
+    assert kept(probs, 0.75) == [1, 3]  # reaching p exactly is enough
+    assert kept(probs, 0.76) == [1, 3, 4]
+    assert kept(probs, 0.875) == [1, 3, 4] and len(kept(probs, 0.88)) == 4
+    assert kept(probs, 1.0) == [0, 1, 3, 4, 5]  # p = 1: every token with nonzero probability
+    assert kept(probs, 1e-9) == [1]  # tiny p: the most likely token alone
+    out = top_p_filter(torch.tensor([probs]), 0.76)[0]
+    assert out.tolist() == [0.0, 0.5, 0.0, 0.25, 0.125, 0.0]  # kept probabilities are unchanged
+    ties = [0.125, 0.5, 0.125, 0.125, 0.125]  # the second place is a four-way tie: exactly one is kept
+    assert len(kept(ties, 0.6)) == 2 and 1 in kept(ties, 0.6) and len(kept(ties, 0.75)) == 3
+    assert len(kept([0.25, 0.25, 0.5], 0.6)) == 2 and len(kept([0.25] * 4, 0.5)) == 2
+
+
+def test_top_p_on_random_distributions():
+    torch.manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(64, 500, dtype=torch.float64), -1)
+    for p in [0.1, 0.5, 0.9, 0.99]:
+        out = top_p_filter(probs, p)
+        sorted_probs = probs.sort(-1, descending=True).values
+        want = (sorted_probs.cumsum(-1) < p).sum(-1) + 1  # the smallest k whose top-k mass reaches p
+        assert ((out > 0).sum(-1) == want).all()
+        assert (out.where(out > 0, 2).min(-1).values >= probs.where(out == 0, 0).max(-1).values).all()  # the top k
+    softmax32 = torch.softmax(torch.randn(4, 32001) * 2, -1)
+    assert top_p_filter(softmax32, 1.0).equal(softmax32)  # float32 sums reach 1.0 early; p = 1 still keeps all
+
+
+def test_repetition_penalty_sign_rule():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 0.0, 1.5], [2.0, -1.0, 0.5, -3.0, 0.0, 1.5]])
+    generated = torch.tensor([[0, 1, 1], [3, 4, 4]])  # a repeated token is penalised once
+    want = logits.clone()
+    want[0, 0], want[0, 1], want[1, 3] = 2.0 / 2, -1.0 * 2, -3.0 * 2  # divide positive, multiply negative
+    assert torch.equal(penalize(logits, generated, 2.0), want)  # every other logit (and the 0.0 one) untouched
+    want[0, 0], want[0, 1], want[1, 3] = 2.0 / 1.2, -1.0 * 1.2, -3.0 * 1.2
+    assert torch.allclose(penalize(logits, generated, 1.2), want, rtol=1e-6, atol=0)
+    assert torch.equal(penalize(logits, generated, 1.0), logits)
+    # through the sampler: penalising the winner hands the argmax to the runner-up, whatever the sign
+    assert sample_token(torch.tensor([[3.0, 2.6, 0.0]]), torch.tensor([[0]]), temperature=0).item() == 1
+    assert sample_token(torch.tensor([[-1.0, -1.1, -5.0]]), torch.tensor([[0]]), temperature=0).item() == 1
+    assert sample_token(torch.tensor([[-1.0, -1.1, -5.0]]), None, temperature=0).item() == 0
+
+
+def test_fixed_seed_is_reproducible():
+    model = tiny_model()
+
+    def sample(seed):
+        return run_generate(model, [[1, 5, 9], [1, 2]], 30, generator=torch.Generator().manual_seed(seed))
+
+    assert sample(3) == sample(3)
+    assert sample(3) != sample(4)
+
+
+def test_batched_greedy_equals_one_at_a_time():
+    model = tiny_model()
+    prompts = [[1, 5], [1, 9, 3, 7, 2, 11, 4, 30, 31], [1, 6, 6, 8, 10]]  # left padding of 7 and 4
+    free = [run_generate(model, [p], 20, temperature=0)[0] for p in prompts]
+    stop = free[1][6]  # rows now stop at different steps, some not at all
+    single = [run_generate(model, [p], 20, stop_id=stop, temperature=0)[0] for p in prompts]
+    assert len({len(a) for a in single}) > 1 and any(a[-1] != stop for a in single)
+    assert run_generate(model, prompts, 20, stop_id=stop, temperature=0) == single
+
+
+# -----------------------------------------------------------------------------
+# The command line, on a checkpoint in Meta's layout: params.json, consolidated.00.pth, tokenizer.model
+
+
+TEXT = ["Plan a trip to Kyoto in spring.", "Day one: temples. Day two: gardens and tea.", "What about food?",
+        "Try kaiseki, ramen and matcha sweets.", "How long is the train from Tokyo?", "About two hours."]
+
+
+def train_tokenizer(prefix, vocab):
+    spm = pytest.importorskip("sentencepiece")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 20), model_prefix=str(prefix), vocab_size=vocab,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    return Path(f"{prefix}.model")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("meta") / "epoch_03"
+    d.mkdir()
+    tok = Tokenizer(train_tokenizer(d / "tokenizer", 90))
+    model = tiny_model(vocab=tok.n_words, max_seq_len=64)
+    torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, d / "consolidated.00.pth")
+    (d / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32,
+                                               "norm_eps": 1e-6, "vocab_size": tok.n_words, "max_seq_len": 64}))
+    (d / "tokenizer.vocab").unlink()
+    return d
+
+
+def loaded(ckpt):
+    return Transformer.from_pretrained(ckpt, dtype=torch.float32).eval(), Tokenizer(ckpt / "tokenizer.model")
+
+
+def sample(*args, cwd=ROOT, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], cwd=cwd, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_answer_streams_the_greedy_decoding(ckpt):
+    model, tok = loaded(ckpt)
+    prompt = "What about food in Kyoto?"
+    ids, _ = tok.encode_dialogue([prompt])
+    answer = greedy_reference(model, ids, 30, 1.2, stop_id=tok.eot_id)
+    assert tok.eot_id not in answer  # the random model runs to the limit, so spacing is checked on 30 pieces
+    r = sample(prompt, "--ckpt", ckpt, "--temperature", 0, "--max_new_tokens", 30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tok.decode(answer) + "\n"  # printed piece by piece, equal to decoding it whole
+    assert len(r.stdout) > 40 and " " in r.stdout.strip()
+
+
+def test_cli_seed_reproducible_and_default_checkpoint(ckpt, tmp_path):
+    (tmp_path / "out" / "epoch_2").mkdir(parents=True)  # older and empty: choosing it would fail
+    shutil.copytree(ckpt, tmp_path / "out" / "epoch_10")  # newest by number, though "epoch_10" < "epoch_2"
+    default = sample("Plan a trip.", "--seed", 7, "--max_new_tokens", 25, cwd=tmp_path)
+    explicit = sample("Plan a trip.", "--seed", 7, "--max_new_tokens", 25, "--ckpt", ckpt)
+    assert default.returncode == explicit.returncode == 0, default.stderr
+    assert default.stdout == explicit.stdout and len(default.stdout) > 20  # sampled, yet the same for one seed
+
+
+def test_cli_base_checkpoint_needs_tokenizer_flag(ckpt, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in ["params.json", "consolidated.00.pth"]:
+        shutil.copy(ckpt / f, base / f)
+    r = sample("hi", "--ckpt", base)
+    assert r.returncode == 1 and "pass --tokenizer FILE" in r.stderr and "Traceback" not in r.stderr
+    r = sample("hi", "--ckpt", base, "--tokenizer", ckpt / "tokenizer.model", "--temperature", 0, "--max_new_tokens", 8)
+    model, tok = loaded(ckpt)
+    assert r.returncode == 0 and r.stdout == tok.decode(greedy_reference(model, tok.encode_dialogue(["hi"])[0], 8, 1.2, tok.eot_id)) + "\n"
+
+
+def test_cli_chat_keeps_history_in_cache_and_trims_oldest_turns(ckpt):
+    model, tok = loaded(ckpt)
+    users = ["Plan a trip to Kyoto.", "What about food?", "And the train from Tokyo?", "Day two?"]
+    n, context, room = 10, 64, 10  # --max_new_tokens 10: each answer keeps 10 positions free
+    want, turns, trimmed = "", [], False
+    for u in users:  # the expected session, each answer decoded from scratch on the trimmed dialogue
+        turns.append(tok.encode(u) + [tok.eot_id])
+        while 1 + sum(map(len, turns)) + room > context:
+            turns, trimmed = turns[2:], True
+        answer = greedy_reference(model, [tok.bos_id] + sum(turns, []), n, 1.2, stop_id=tok.eot_id)
+        want += "> " + tok.decode(answer) + "\n"
+        turns.append(answer if answer[-1] == tok.eot_id else answer + [tok.eot_id])
+    assert trimmed
+    r = sample("--chat", "--ckpt", ckpt, "--temperature", 0, "--max_new_tokens", n, stdin="\n".join(users) + "\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout == want + "> \n"  # Ctrl-D (end of input) leaves cleanly
+
+
+def test_cli_chat_ctrl_c_leaves_cleanly(ckpt):
+    p = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--chat", "--ckpt", str(ckpt)], cwd=ROOT,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.read(2) == "> "  # waiting for the user
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_cli_prompts_file_batches_and_resumes(ckpt, tmp_path):
+    model, tok = loaded(ckpt)
+    prompts = ["Plan a trip.", "What about food in Kyoto in spring?", "Tea?", "How long is the train?", "Day two"]
+    jsonl = tmp_path / "test.jsonl"  # GAIR/lima's test-set format: the prompt is the first turn
+    jsonl.write_text("".join(json.dumps({"conversations": [p], "source": "x"}) + "\n" for p in prompts))
+    r = sample("--prompts", jsonl, "--output", tmp_path / "a.jsonl", "--ckpt", ckpt, "--temperature", 0,
+               "--max_new_tokens", 12, "--batch_size", 2)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    for p, line in zip(prompts, lines, strict=True):  # batched (left-padded) answers equal one-at-a-time ones
+        answer = greedy_reference(model, tok.encode_dialogue([p])[0], 12, 1.2, stop_id=tok.eot_id)
+        stopped = answer[-1] == tok.eot_id
+        answer = answer[:-1] if stopped else answer
+        assert json.loads(line) == {"prompt": p, "response": tok.decode(answer), "tokens": len(answer),
+                                    "stopped_at_eot": stopped}
+    # an interrupted run kept two answers: a rerun over the same prompts as text answers only the other three
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    (tmp_path / "b.jsonl").write_text("".join(line + "\n" for line in lines[:2]))
+    r = sample("--prompts", tmp_path / "prompts.txt", "--output", tmp_path / "b.jsonl", "--ckpt", ckpt,
+               "--temperature", 0, "--max_new_tokens", 12, "--batch_size", 2)
+    assert r.returncode == 0 and "2 prompts already answered, 3 to go" in r.stderr
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
+
+
+BAD = [  # (arguments, the one line expected on stderr)
+    (["hi", "--top_p", "0"], "error: --top_p must be in (0, 1], got 0.0"),
+    (["hi", "--top_p", "1.5"], "error: --top_p must be in (0, 1], got 1.5"),
+    (["hi", "--temperature", "-0.1"], "error: --temperature must be >= 0, got -0.1"),
+    (["hi", "--repetition_penalty", "0.9"], "error: --repetition_penalty must be >= 1 (1 is no penalty), got 0.9"),
+    (["hi", "--max_new_tokens", "0"], "error: --max_new_tokens must be >= 1, got 0"),
+    (["hi", "--ckpt", "no/such/dir"], "error: --ckpt no/such/dir: no such directory"),
+    (["hi"], "error: no checkpoint in out/: make one with `python prepare.py && python train.py --size tiny`, "
+             "or pass --ckpt DIR"),
+    (["--prompts", "missing.txt", "--output", "o.jsonl", "--ckpt", "{ckpt}"], "error: --prompts missing.txt: no such file"),
+    (["--prompts", "bad.jsonl", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
+     'error: bad.jsonl:2: expected a JSON object whose "conversations" list starts with the prompt'),
+    (["hi", "--ckpt", "{ckpt}", "--tokenizer", "other.model"], "error: {ckpt} has 91 tokens but other.model has 81 "
+                                                              "with EOT: not the tokenizer it was trained with"),
+    (["hi", "--ckpt", "noshard", "--tokenizer", "other.model"], "error: noshard: params.json but no consolidated.NN.pth shard"),
+    (["Plan a trip to Kyoto. " * 12, "--ckpt", "{ckpt}"], "error: the prompt is {n} tokens; the model's context is 64"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[m.split(":")[1].split(" ")[1] for _, m in BAD])
+def test_cli_refuses_bad_values(ckpt, tmp_path, argv, message):
+    (tmp_path / "bad.jsonl").write_text('{"conversations": ["fine"]}\n{"conversations": []}\n')
+    (tmp_path / "noshard").mkdir()
+    shutil.copy(ckpt / "params.json", tmp_path / "noshard")
+    train_tokenizer(tmp_path / "other", 80)
+    r = sample(*[a.format(ckpt=ckpt) for a in argv], cwd=tmp_path)
+    n = len(Tokenizer(ckpt / "tokenizer.model").encode_dialogue([argv[0]])[0])
+    assert (r.returncode, r.stderr, r.stdout) == (1, message.format(ckpt=ckpt, n=n) + "\n", "")
+
+
+def test_demo_model_answers_end_at_eot(demo_run):
+    """The tiny demo model (conftest.demo_run: prepare.py, then train.py --size tiny) has learned LIMA's EOT:
+    with the default sampling, most answers end on their own well before the limit."""
+    data, out = demo_run
+    prompts = [json.loads(line) for line in (ROOT / "data" / "sample.jsonl").read_text().splitlines()][::4][:10]
+    (data.parent / "ten.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    r = sample("--prompts", "ten.jsonl", "--output", "answers.jsonl", "--seed", 0, "--batch_size", 10,
+               "--max_new_tokens", 200, cwd=data.parent)  # no --ckpt: the newest out/epoch_*
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (data.parent / "answers.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == [p["conversations"][0] for p in prompts]
+    assert sum(row["stopped_at_eot"] for row in rows) >= 7, [row["tokens"] for row in rows]
+    assert all(row["tokens"] < 200 if row["stopped_at_eot"] else row["tokens"] == 200 for row in rows)
