@@ -64,13 +64,14 @@ def toy_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The README demo, shortened: prepare.py on data/sample.jsonl, then train.py --size tiny for a few epochs
-    (its default dims and learning rate). Returns (data dir, out dir); out/epoch_NN/ holds the trained model."""
+    """The README demo, shortened: prepare.py on data/sample.jsonl, then train.py --size tiny, narrowed to 64 wide
+    and 2 layers, for 4 epochs. Returns (data dir, out dir); out/epoch_04/ holds the trained model."""
     tmp = tmp_path_factory.mktemp("demo")
     data, out = tmp / "prepared", tmp / "out"
     for cmd in ([sys.executable, "prepare.py", "--input", "data/sample.jsonl", "--out", str(data)],
                 [sys.executable, "train.py", "--size", "tiny", "--data", str(data), "--out", str(out),
-                 "--epochs", "8", "--save_epochs", "4", "--dev_samples", "2"]):
+                 "--dim", "64", "--n_layers", "2", "--n_heads", "2", "--epochs", "4", "--batch_size", "4",
+                 "--lr", "3e-3", "--save_epochs", "4", "--dev_samples", "2"]):
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}"
     return data, out

@@ -58,7 +58,7 @@ args = p.parse_args()
 
 # LIMA §3 by default; tiny learns from scratch on a CPU in minutes, so it takes far larger steps
 LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=32, dropout=0.3, parallel="fsdp", act_ckpt=1, max_new_tokens=2048)
-SIZES = {"tiny": dict(epochs=30, lr=2e-3, min_lr=2e-4, batch_size=8, dropout=0.0, parallel="ddp", act_ckpt=0,
+SIZES = {"tiny": dict(epochs=10, lr=2e-3, min_lr=2e-4, batch_size=8, dropout=0.0, parallel="ddp", act_ckpt=0,
                       max_new_tokens=256),
          "7B": dict(batch_size=64, dropout=0.2)}  # "64 for smaller models"
 for k, v in {**LIMA, **SIZES.get(args.size, {})}.items():
@@ -231,8 +231,9 @@ def save_epoch(epoch, dev_loss):
     raw.eval()
     rows, hook = [], raw.register_forward_hook(lambda m, i, o: dist.broadcast(o, 0)) if distributed else None
     g = torch.Generator(device).manual_seed(args.seed + epoch)  # the same draws on every rank: they decode in lockstep
-    for k in range(0, min(args.dev_samples, len(dev["ids"])), 8):  # 8 prompts at a time bounds the KV cache
-        convs = dev["conversations"][k : k + 8]
+    n = min(args.dev_samples, len(dev["ids"]))
+    for k in range(0, n, 8):  # 8 prompts at a time bounds the KV cache
+        convs = dev["conversations"][k : min(k + 8, n)]
         prompts = [tokenizer.encode_dialogue(c[:1])[0] for c in convs]
         with autocast:
             steps = list(generate(raw, prompts, tokenizer.eot_id, args.max_new_tokens, generator=g))
@@ -283,6 +284,8 @@ elif master and (out / "log.jsonl").exists():
     (out / "log.jsonl").unlink()
 if master:
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.jsonl", "a") as f:  # the settings first, LIMA's defaults filled in
+        f.write(json.dumps({"config": vars(args), "world_size": world, "compute_dtype": "bfloat16" if bf16 else "float32"}) + "\n")
 
 # -----------------------------------------------------------------------------
 end = min(total_steps, args.steps or total_steps)

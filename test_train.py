@@ -1,0 +1,194 @@
+"""train.py: identical updates for any world size and micro-batching, the LIMA recipe's settings, fp32 master
+weights, epoch checkpoints that load, exact resume, and refusals. Float32, tiny models, CPU (gloo)."""
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from conftest import ROOT
+from model import ModelArgs, Transformer
+
+SMALL = ["--dim", "64", "--n_layers", "2", "--n_heads", "2", "--dev_samples", "0"]
+
+
+def train(data, out, *flags, nproc=1):
+    cmd = [sys.executable, "train.py", "--data", str(data), "--out", str(out), *flags]
+    if nproc > 1:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def trained(data, out, *flags, nproc=1):
+    r = train(data, out, *flags, nproc=nproc)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def state(out):
+    """The float32 weights and AdamW state of the newest resume point."""
+    step = max((out / "resume").glob("step_*"))
+    dcp_to_torch_save(step, out / "state.pt")
+    return torch.load(out / "state.pt", weights_only=True)
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def rel_diff(a, b):
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step's global batch of 16 dialogues, cut into micro-batches of <= 200 tokens (about 5 dialogues):
+# 3-4 of them, so two ranks get unequal shares and one runs an empty turn
+THREE_STEPS = [*SMALL, "--steps", "3", "--batch_size", "16", "--lr", "1e-3", "--tokens_per_micro", "200"]
+
+
+@pytest.fixture(scope="module")
+def one_process(toy_data, tmp_path_factory):
+    out = trained(toy_data[0], tmp_path_factory.mktemp("single"), *THREE_STEPS)
+    return {**state(out), "pad": [row["pad"] for row in log(out) if "step" in row]}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one(parallel, one_process, toy_data, tmp_path):
+    # FSDP2 also recomputes activations (checkpointing), as it does for 7B and up
+    flags = ["--parallel", parallel] + (["--act_ckpt", "1"] if parallel == "fsdp" else [])
+    two = state(trained(toy_data[0], tmp_path, *THREE_STEPS, *flags, nproc=2))
+    assert rel_diff(two["model"], one_process["model"]) <= 1e-5
+    assert log(tmp_path)[0]["world_size"] == 2
+    assert len([row for row in log(tmp_path) if "step" in row]) == 3
+
+
+def test_micro_batch_budget_does_not_change_the_update(one_process, toy_data, tmp_path):
+    whole = state(trained(toy_data[0], tmp_path, *THREE_STEPS, "--tokens_per_micro", "100000"))
+    assert rel_diff(whole["model"], one_process["model"]) <= 1e-5
+    # one micro-batch pads every dialogue to the step's longest; the 200-token budget groups similar lengths
+    pad = [row["pad"] for row in log(tmp_path) if "step" in row]
+    assert all(a < b for a, b in zip(one_process["pad"], pad)) and len(pad) == 3
+
+
+def test_weight_decay_groups_and_lr_start(one_process, toy_data):
+    groups = one_process["optim"]["param_groups"]
+    decay = {name for g in groups if g["weight_decay"] == 0.1 for name in g["params"]}
+    no_decay = {name for g in groups if g["weight_decay"] == 0.0 for name in g["params"]}
+    assert no_decay == {"norm.weight"} | {f"layers.{i}.{n}_norm.weight" for i in range(2) for n in ("attention", "ffn")}
+    assert "tok_embeddings.weight" in decay and "output.weight" in decay and "layers.1.feed_forward.w2.weight" in decay
+    assert len(decay) == 2 + 2 * 7 and all(g["betas"] == (0.9, 0.95) for g in groups)
+
+
+def test_lima_defaults_and_fp32_master_weights_under_bf16(toy_data, tmp_path, resumed):
+    """--size 7B from a checkpoint: LIMA §3's settings for 7B, and bf16 compute keeping float32 weights and AdamW
+    state, so a 1e-5 step survives (bf16 would round it away: its spacing near 0.02 is 1.2e-4)."""
+    init = resumed / "epoch_02"
+    out = trained(toy_data[0], tmp_path, "--size", "7B", "--init", str(init), "--dtype", "bfloat16", "--steps", "1",
+                  "--dev_samples", "0")
+    config = log(out)[0]
+    assert log(out)[0]["compute_dtype"] == "bfloat16"
+    assert {k: config["config"][k] for k in ("epochs", "lr", "min_lr", "batch_size", "dropout", "parallel", "act_ckpt")} == \
+        dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=64, dropout=0.2, parallel="fsdp", act_ckpt=1)
+    assert log(out)[1]["lr"] == 1e-5
+    after = state(out)
+    start = torch.load(init / "consolidated.00.pth", weights_only=True)
+    w0, w1 = start["layers.0.attention.wq.weight"].float(), after["model"]["layers.0.attention.wq.weight"]
+    assert w1.dtype == torch.float32 and after["optim"]["state"]["output.weight"]["exp_avg_sq"].dtype == torch.float32
+    moved = (w1 - w0).abs()
+    assert 0.9e-5 < moved.median() < 1.1e-5  # Adam's first step is lr * sign(gradient)
+    assert (w1.bfloat16().float() != w1).float().mean() > 0.9  # not representable in bf16
+
+
+# -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def resumed(toy_data, tmp_path_factory):
+    """Two epochs of 3 steps with dropout 0.3, stopped after the first epoch and resumed."""
+    out = tmp_path_factory.mktemp("resumed")
+    flags = [*SMALL, "--epochs", "2", "--batch_size", "16", "--dropout", "0.3", "--save_epochs", "all"]
+    trained(toy_data[0], out, *flags, "--steps", "3")
+    assert not (out / "epoch_02").exists() and (out / "resume" / "step_000003").is_dir()
+    trained(toy_data[0], out, *flags, "--resume")
+    return out
+
+
+def test_resume_equals_uninterrupted(toy_data, resumed, tmp_path):
+    flags = [*SMALL, "--epochs", "2", "--batch_size", "16", "--dropout", "0.3", "--save_epochs", "all"]
+    straight = trained(toy_data[0], tmp_path, *flags)
+    a, b = state(resumed), state(straight)
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["optim"]["state"]["output.weight"]["exp_avg"], b["optim"]["state"]["output.weight"]["exp_avg"])
+    losses = lambda out: [row["loss"] for row in log(out) if "step" in row]
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 6
+
+
+def test_dropout_rises_per_layer(resumed):
+    params = json.loads((resumed / "epoch_02" / "params.json").read_text())
+    assert params["dropout"] == 0.3 and params["vocab_size"] == 97 and params["dim"] == 64
+    model = Transformer(ModelArgs(**params))
+    assert [block.dropout for block in model.layers] == [0.0, 0.3]
+
+
+# -----------------------------------------------------------------------------
+def test_tiny_demo_learns_and_its_checkpoint_loads(demo_run):
+    data, out = demo_run
+    rows = log(out)
+    steps = [row for row in rows if "step" in row]
+    config = rows[0]["config"]
+    assert steps[0]["lr"] == config["lr"] and abs(steps[-1]["lr"] - config["min_lr"]) < 1e-12  # linear, no warmup
+    assert steps[0]["loss"] > 7.0  # about ln(2001): nothing learned yet
+    last_epoch = [row["loss"] for row in steps if row["epoch"] == steps[-1]["epoch"]]
+    assert sum(last_epoch) / len(last_epoch) < steps[0]["loss"] - 1.0
+    dev = [row["dev_loss"] for row in rows if "dev_loss" in row]
+    assert dev[-1] < dev[0]
+    ckpt = max(out.glob("epoch_*"))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["consolidated.00.pth", "params.json", "samples.jsonl",
+                                                      "tokenizer.model"]
+    assert (ckpt / "tokenizer.model").read_bytes() == (data / "tokenizer.model").read_bytes()
+    samples = [json.loads(line) for line in (ckpt / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(isinstance(s["response"], str) for s in samples)
+    # the epoch checkpoint is the trained float32 model rounded to bf16
+    loaded = Transformer.from_pretrained(ckpt, dtype=torch.float32).eval()
+    fp32 = state(out)["model"]
+    reference = Transformer(loaded.args).eval()
+    reference.load_state_dict({k: v.bfloat16().float() for k, v in fp32.items()})
+    tokens = torch.load(data / "dev.pt", weights_only=True)["ids"][0][None, :64]
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens), reference(tokens), rtol=0, atol=1e-5)
+    assert not torch.equal(loaded.output.weight, fp32["output.weight"])  # bf16 really rounded it
+
+
+# -----------------------------------------------------------------------------
+def test_refusals(toy_data, resumed, tmp_path):
+    data, other = toy_data
+    r = train(data, tmp_path / "a", "--size", "65B")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --size 65B needs --init DIR with pretrained LLaMA weights: LIMA fine-tunes, it never trains from scratch"]
+    r = train(tmp_path / "nowhere", tmp_path / "b")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: --data {tmp_path / 'nowhere'}: no such directory (make it with: python prepare.py --out {tmp_path / 'nowhere'})")
+    # data tokenized with another vocabulary than the checkpoint's: its tokenizer.model differs ...
+    r = train(other, tmp_path / "c", "--init", str(resumed / "epoch_02"))
+    assert r.returncode == 1 and "differs from" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # ... and without a tokenizer.model beside the checkpoint, its vocabulary size does not fit
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("params.json", "consolidated.00.pth"):
+        (bare / name).write_bytes((resumed / "epoch_02" / name).read_bytes())
+    r = train(other, tmp_path / "d", "--init", str(bare))
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {bare} has 97 tokens but {other} was tokenized into 80 plus EOT; "
+        "prepare the data with the checkpoint's tokenizer.model")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_non_finite_loss_stops_the_run(toy_data, tmp_path):
+    r = train(toy_data[0], tmp_path, *SMALL, "--batch_size", "16", "--lr", "1e30", "--epochs", "1")
+    assert r.returncode == 1 and "error: non-finite loss at step 3 (epoch 1)" in r.stderr
+    assert not list(tmp_path.glob("epoch_*")) and not (tmp_path / "resume").exists()
