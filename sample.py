@@ -17,20 +17,21 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("prompt", nargs="?", help="one prompt; its answer streams to stdout")
 parser.add_argument("--ckpt", help="checkpoint directory, Meta or Hugging Face layout (default: newest out/epoch_*)")
 parser.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model)")
-parser.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 is greedy")
+parser.add_argument("--temperature", type=float, default=0.7, help="softmax temperature, LIMA: %(default)s; 0 is greedy")
 parser.add_argument("--top_p", type=float, default=0.9,
-                    help="nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p")
+                    help="nucleus sampling: draw from the smallest set of tokens whose probability reaches "
+                    "top_p, LIMA: %(default)s")
 parser.add_argument("--repetition_penalty", type=float, default=1.2,
                     help="applies to the tokens already generated in this answer (LIMA's 'previously generated "
                     "tokens'; the prompt is not penalised): their positive logits are divided by it and their "
-                    "negative logits multiplied by it; 1 turns it off")
-parser.add_argument("--max_new_tokens", type=int, default=2048, help="longest answer, never past the model's context")
+                    "negative logits multiplied by it; LIMA: %(default)s, 1 turns it off")
+parser.add_argument("--max_new_tokens", type=int, default=2048, help="longest answer, LIMA: %(default)s; never past the model's context")
 parser.add_argument("--seed", type=int, help="random seed, for reproducible answers")
 parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat; Ctrl-D or Ctrl-C leaves")
 parser.add_argument("--prompts", help="answer each prompt of a text file (one per line) or of a jsonl file "
                     "(the first turn of 'conversations', e.g. GAIR/lima's test set)")
 parser.add_argument("--output", help="jsonl for --prompts' answers; a rerun skips the prompts already in it")
-parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together with --prompts")
+parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together with --prompts (default: %(default)s)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 args = parser.parse_args()
 if (args.prompt is not None) + args.chat + (args.prompts is not None) != 1:
@@ -111,7 +112,8 @@ except CheckpointError as e:
 if model.args.vocab_size not in (tok.n_words - 1, tok.n_words):  # a base LLaMA lacks only EOT
     sys.exit(f"error: {ckpt} has {model.args.vocab_size} tokens but {tok_path} has {tok.n_words} with EOT: "
              f"not the tokenizer it was trained with")
-model.grow_vocab(tok.n_words)
+if model.args.vocab_size < tok.n_words:
+    model.grow_vocab(tok.n_words)  # EOT's row starts as the mean of the others
 model = model.to(device).eval()
 if args.compile:
     model = torch.compile(model)
@@ -129,7 +131,7 @@ def stream(ids, start_pos=0):
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             print(text[len(shown):], end="", flush=True)
             shown = text
-    print(flush=True)
+    print(tok.decode(answer)[len(shown):], flush=True)  # whatever was held back, and the newline
     return answer
 
 

@@ -157,49 +157,88 @@ def test_batched_greedy_equals_one_at_a_time():
 
 
 TEXT = ["Plan a trip to Kyoto in spring.", "Day one: temples. Day two: gardens and tea.", "What about food?",
-        "Try kaiseki, ramen and matcha sweets.", "How long is the train from Tokyo?", "About two hours."]
+        "Try kaiseki, ramen and matcha sweets.", "How long is the train from Tokyo?", "About two hours.",
+        "Kyōto is 京都 in Japanese ☕."]
 
 
-def train_tokenizer(prefix, vocab):
+def train_tokenizer(prefix, vocab, byte_fallback=False):
     spm = pytest.importorskip("sentencepiece")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 20), model_prefix=str(prefix), vocab_size=vocab,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, byte_fallback=byte_fallback,
+                                   minloglevel=2)
     return Path(f"{prefix}.model")
+
+
+def save_meta(model, d):
+    torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, d / "consolidated.00.pth")
+    (d / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32,
+                                               "norm_eps": 1e-6, "vocab_size": model.args.vocab_size,
+                                               "max_seq_len": model.args.max_seq_len}))
+    return d
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("meta") / "epoch_03"
     d.mkdir()
-    tok = Tokenizer(train_tokenizer(d / "tokenizer", 90))
-    model = tiny_model(vocab=tok.n_words, max_seq_len=64)
-    torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, d / "consolidated.00.pth")
-    (d / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32,
-                                               "norm_eps": 1e-6, "vocab_size": tok.n_words, "max_seq_len": 64}))
+    tok = Tokenizer(train_tokenizer(d / "tokenizer", 340, byte_fallback=True))  # like LLaMA's: 256 byte pieces
     (d / "tokenizer.vocab").unlink()
-    return d
+    return save_meta(tiny_model(vocab=tok.n_words, max_seq_len=64), d)
 
 
 def loaded(ckpt):
     return Transformer.from_pretrained(ckpt, dtype=torch.float32).eval(), Tokenizer(ckpt / "tokenizer.model")
 
 
-def sample(*args, cwd=ROOT, stdin=None):
+def sample(*args, cwd=ROOT, stdin=""):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # models this small decode faster on one thread
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], cwd=cwd, input=stdin,
-                          capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], cwd=cwd, input=stdin.encode(),
+                       capture_output=True, timeout=120, env=env)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())  # "\r" kept
 
 
-def test_cli_answer_streams_the_greedy_decoding(ckpt):
+def test_cli_answer_streams_the_greedy_decoding(ckpt, tmp_path):
+    """A base checkpoint (no tokenizer.model beside it) answers with --tokenizer, as the full forward says."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in ["params.json", "consolidated.00.pth"]:
+        shutil.copy(ckpt / f, base / f)
+    r = sample("hi", "--ckpt", base)
+    assert r.returncode == 1 and "pass --tokenizer FILE" in r.stderr and "Traceback" not in r.stderr
     model, tok = loaded(ckpt)
-    prompt = "What about food in Kyoto?"
+    prompt = "Plan a trip."
     ids, _ = tok.encode_dialogue([prompt])
-    answer = greedy_reference(model, ids, 30, 1.2, stop_id=tok.eot_id)
-    assert tok.eot_id not in answer  # the random model runs to the limit, so spacing is checked on 30 pieces
-    r = sample(prompt, "--ckpt", ckpt, "--temperature", 0, "--max_new_tokens", 30)
+    answer = greedy_reference(model, ids, 50, 1.2, stop_id=tok.eot_id)
+    assert len(ids) + 50 < 64 and tok.eot_id not in answer  # runs to the limit: 50 pieces, most single bytes
+    r = sample(prompt, "--ckpt", base, "--tokenizer", ckpt / "tokenizer.model", "--temperature", 0,
+               "--max_new_tokens", 50)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == tok.decode(answer) + "\n"  # printed piece by piece, equal to decoding it whole
-    assert len(r.stdout) > 40 and " " in r.stdout.strip()
+    # printed as it grows (spaces, characters split across byte pieces), yet equal to decoding it whole
+    assert r.stdout == tok.decode(answer) + "\n"
+    assert " " in r.stdout.strip() and "\ufffd" in r.stdout and any(ord(c) > 127 and c != "\ufffd" for c in r.stdout)
+
+
+def test_cli_prints_a_character_split_across_byte_pieces_whole(ckpt, tmp_path):
+    """A model wired to answer with a fixed chain of pieces, whatever the sampling: 東 comes as three byte pieces,
+    and the stream must print it as one character, not as replacement characters, then stop at EOT."""
+    tok = Tokenizer(ckpt / "tokenizer.model")
+    chain = [tok.eot_id] + tok.encode("東京 is Kyōto") + [tok.eot_id]
+    assert len(set(chain)) == len(chain) - 1 and tok.sp.id_to_piece(chain[2]) == "<0xE6>"
+    model = tiny_model(vocab=tok.n_words, max_seq_len=64)
+    with torch.no_grad():
+        for layer in model.layers:  # the blocks add nothing: the last state is the last token's embedding
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        model.tok_embeddings.weight.zero_()
+        model.output.weight.zero_()
+        for i, (cur, nxt) in enumerate(zip(chain, chain[1:])):
+            model.tok_embeddings.weight[cur, i] = 1.0
+            model.output.weight[nxt, i] = 10.0  # logit 80 after the norm, every other token 0
+    d = tmp_path / "chain"
+    d.mkdir()
+    shutil.copy(ckpt / "tokenizer.model", d)
+    r = sample("Plan a trip.", "--ckpt", save_meta(model, d))  # LIMA's default sampling
+    assert (r.returncode, r.stdout) == (0, "東京 is Kyōto\n"), r.stderr
 
 
 def test_cli_seed_reproducible_and_default_checkpoint(ckpt, tmp_path):
@@ -209,18 +248,6 @@ def test_cli_seed_reproducible_and_default_checkpoint(ckpt, tmp_path):
     explicit = sample("Plan a trip.", "--seed", 7, "--max_new_tokens", 25, "--ckpt", ckpt)
     assert default.returncode == explicit.returncode == 0, default.stderr
     assert default.stdout == explicit.stdout and len(default.stdout) > 20  # sampled, yet the same for one seed
-
-
-def test_cli_base_checkpoint_needs_tokenizer_flag(ckpt, tmp_path):
-    base = tmp_path / "base"
-    base.mkdir()
-    for f in ["params.json", "consolidated.00.pth"]:
-        shutil.copy(ckpt / f, base / f)
-    r = sample("hi", "--ckpt", base)
-    assert r.returncode == 1 and "pass --tokenizer FILE" in r.stderr and "Traceback" not in r.stderr
-    r = sample("hi", "--ckpt", base, "--tokenizer", ckpt / "tokenizer.model", "--temperature", 0, "--max_new_tokens", 8)
-    model, tok = loaded(ckpt)
-    assert r.returncode == 0 and r.stdout == tok.decode(greedy_reference(model, tok.encode_dialogue(["hi"])[0], 8, 1.2, tok.eot_id)) + "\n"
 
 
 def test_cli_chat_keeps_history_in_cache_and_trims_oldest_turns(ckpt):
@@ -274,6 +301,12 @@ def test_cli_prompts_file_batches_and_resumes(ckpt, tmp_path):
     assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
 
 
+def test_help_explains_the_penalty():
+    r = sample("--help")
+    assert r.returncode == 0 and "applies to the tokens already generated in this answer" in " ".join(r.stdout.split())
+    assert "positive logits are divided by it and their negative logits multiplied by it" in " ".join(r.stdout.split())
+
+
 BAD = [  # (arguments, the one line expected on stderr)
     (["hi", "--top_p", "0"], "error: --top_p must be in (0, 1], got 0.0"),
     (["hi", "--top_p", "1.5"], "error: --top_p must be in (0, 1], got 1.5"),
@@ -286,7 +319,7 @@ BAD = [  # (arguments, the one line expected on stderr)
     (["--prompts", "missing.txt", "--output", "o.jsonl", "--ckpt", "{ckpt}"], "error: --prompts missing.txt: no such file"),
     (["--prompts", "bad.jsonl", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
      'error: bad.jsonl:2: expected a JSON object whose "conversations" list starts with the prompt'),
-    (["hi", "--ckpt", "{ckpt}", "--tokenizer", "other.model"], "error: {ckpt} has 91 tokens but other.model has 81 "
+    (["hi", "--ckpt", "{ckpt}", "--tokenizer", "other.model"], "error: {ckpt} has 341 tokens but other.model has 81 "
                                                               "with EOT: not the tokenizer it was trained with"),
     (["hi", "--ckpt", "noshard", "--tokenizer", "other.model"], "error: noshard: params.json but no consolidated.NN.pth shard"),
     (["Plan a trip to Kyoto. " * 12, "--ckpt", "{ckpt}"], "error: the prompt is {n} tokens; the model's context is 64"),
