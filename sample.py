@@ -66,18 +66,16 @@ if args.prompts:
         sys.exit(f"error: --output {out}: no directory {out.parent}")
     prompts = []  # (line number, prompt)
     for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if src.suffix != ".jsonl":
-            prompts.append((n, line.strip()))
-            continue
-        try:
-            prompt = json.loads(line)["conversations"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            prompt = None
-        if not isinstance(prompt, str):
-            sys.exit(f'error: {src}:{n}: expected a JSON object whose "conversations" list starts with the prompt')
-        prompts.append((n, prompt))
+        prompt = line.strip()
+        if prompt and src.suffix == ".jsonl":
+            try:
+                prompt = json.loads(line)["conversations"][0]
+            except (ValueError, KeyError, IndexError, TypeError):
+                prompt = None
+            if not isinstance(prompt, str):
+                sys.exit(f'error: {src}:{n}: expected a JSON object whose "conversations" list starts with the prompt')
+        if prompt:
+            prompts.append((n, prompt))
     done = Counter()  # resume: prompts already answered in --output
     if out.exists():
         for n, line in enumerate(out.read_text(encoding="utf-8").splitlines(), 1):
