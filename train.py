@@ -58,7 +58,7 @@ args = p.parse_args()
 
 # LIMA §3 by default; tiny learns from scratch on a CPU in minutes, so it takes far larger steps
 LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=32, dropout=0.3, parallel="fsdp", act_ckpt=1, max_new_tokens=2048)
-SIZES = {"tiny": dict(epochs=10, lr=2e-3, min_lr=2e-4, batch_size=8, dropout=0.0, parallel="ddp", act_ckpt=0,
+SIZES = {"tiny": dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, parallel="ddp", act_ckpt=0,
                       max_new_tokens=256),
          "7B": dict(batch_size=64, dropout=0.2)}  # "64 for smaller models"
 for k, v in {**LIMA, **SIZES.get(args.size, {})}.items():
