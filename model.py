@@ -336,14 +336,17 @@ def _hf_name(name: str) -> str:
 
 def _load_hf(path: Path) -> tuple:
     config = _read_json(path / "config.json")
-    dim, hidden = config["hidden_size"], config["intermediate_size"]
-    args = ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
-        # HF stores the SwiGLU width itself; these two reproduce it through Meta's rounding rule
-        multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
-        norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0),
-        max_seq_len=config.get("max_position_embeddings", 2048))
+    try:
+        dim, hidden = config["hidden_size"], config["intermediate_size"]
+        args = ModelArgs(
+            dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+            n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
+            # HF stores the SwiGLU width itself; these two reproduce it through Meta's rounding rule
+            multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
+            norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0),
+            max_seq_len=config.get("max_position_embeddings", 2048))
+    except KeyError as e:
+        raise CheckpointError(f"{path / 'config.json'}: no {e.args[0]!r}, expected a LLaMA config") from None
     assert args.hidden_dim == hidden
     index = next((f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (path / f).exists()), None)
     if index:

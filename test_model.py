@@ -219,6 +219,12 @@ def test_hf_index_names_missing_file(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_hf_config_without_llama_fields(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(CheckpointError, match=r"config.json: no 'intermediate_size', expected a LLaMA config"):
+        load_checkpoint(tmp_path)
+
+
 def test_hf_shape_mismatch(tmp_path):
     ref = hf_model()
     sd = ref.state_dict()
