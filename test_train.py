@@ -188,6 +188,28 @@ def test_refusals(toy_data, resumed, tmp_path):
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
+def test_bad_flag_values(toy_data, tmp_path):
+    for flags, message in [(["--batch_size", "0"], "error: --batch_size 0: expected >= 1"),
+                           (["--dropout", "1.5"], "error: --dropout 1.5: expected in [0, 1)"),
+                           (["--max_len", "8"], f"error: {toy_data[0] / 'train.pt'}: no dialogue with an answer token "
+                                                "within --max_len 8")]:
+        r = train(toy_data[0], tmp_path / "out", *SMALL, *flags)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == message and "Traceback" not in r.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_dev_samples_in_lockstep_across_ranks(toy_data, tmp_path):
+    """Two FSDP ranks share 3 dev prompts unequally (2 and 1): the rank done first keeps joining the other's
+    weight gathers, and rank 0 writes every answer in prompt order."""
+    flags = [*SMALL[:-2], "--parallel", "fsdp", "--epochs", "1", "--batch_size", "16", "--save_epochs", "1",
+             "--dev_samples", "3", "--max_new_tokens", "12"]
+    trained(toy_data[0], tmp_path, *flags, nproc=2)
+    rows = [json.loads(line) for line in (tmp_path / "epoch_01" / "samples.jsonl").read_text().splitlines()]
+    dev = torch.load(toy_data[0] / "dev.pt", weights_only=True)["conversations"]
+    assert [r["prompt"] for r in rows] == [c[0] for c in dev[:3]]
+    assert all(isinstance(r["response"], str) and r["epoch"] == 1 for r in rows)
+
+
 def test_non_finite_loss_stops_the_run(toy_data, tmp_path):
     r = train(toy_data[0], tmp_path, *SMALL, "--batch_size", "16", "--lr", "1e30", "--epochs", "1")
     assert r.returncode == 1 and "error: non-finite loss at step 3 (epoch 1)" in r.stderr

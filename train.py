@@ -70,9 +70,15 @@ def fail(msg):
 
 
 if args.size not in ("tiny", "7B", "13B", "30B", "33B", "65B"):
-    fail(f"--size {args.size}: expected tiny, 7B, 13B, 33B or 65B")
+    fail(f"--size {args.size}: expected tiny, 7B, 13B, 33B (or 30B) or 65B")
 if args.size != "tiny" and not args.init:
     fail(f"--size {args.size} needs --init DIR with pretrained LLaMA weights: LIMA fine-tunes, it never trains from scratch")
+for ok, flag, want in [(args.epochs >= 1, "epochs", ">= 1"), (args.batch_size >= 1, "batch_size", ">= 1"),
+                       (0 <= args.dropout < 1, "dropout", "in [0, 1)"), (args.max_len >= 2, "max_len", ">= 2"),
+                       (args.tokens_per_micro >= 1, "tokens_per_micro", ">= 1"), (args.lr > 0, "lr", "> 0"),
+                       (args.dev_samples >= 0, "dev_samples", ">= 0")]:
+    if not ok:
+        fail(f"--{flag} {getattr(args, flag)}: expected {want}")
 if args.save_epochs == "all":
     save_epochs = set(range(1, args.epochs + 1))
 else:
@@ -117,8 +123,14 @@ for split, d in (("train", train), ("dev", dev)):
         fail(f"{data / split}.pt was not tokenized with {data / 'tokenizer.model'} ({n_words} words, EOT {n_words - 1}); "
              f"rerun prepare.py")
     d["ids"], d["mask"] = [x[: args.max_len] for x in d["ids"]], [m[: args.max_len] for m in d["mask"]]
+# a dialogue trimmed before its first answer has nothing to train on (and a batch of only those would divide by 0)
+keep = [i for i, m in enumerate(train["mask"]) if m[1:].any()]
+if master and len(keep) < len(train["ids"]):
+    print(f"warning: {len(train['ids']) - len(keep)} dialogues have no answer token within --max_len {args.max_len}; "
+          f"skipping them", file=sys.stderr)
+train = {**train, **{k: [train[k][i] for i in keep] for k in ("ids", "mask", "conversations")}}
 if not train["ids"]:
-    fail(f"{data / 'train.pt'}: no dialogues")
+    fail(f"{data / 'train.pt'}: no dialogue with an answer token within --max_len {args.max_len}")
 
 # -----------------------------------------------------------------------------
 # model: the starting weights exist whole only on rank 0 (memory-mapped for a LLaMA); the others get them by broadcast
@@ -229,20 +241,34 @@ def save_epoch(epoch, dev_loss):
     """OUT/epoch_NN/ in Meta's layout (bf16), loadable by Transformer.from_pretrained and sample.py, with LIMA-sampled
     answers to the dev prompts: what LIMA chose its checkpoint from (§3)."""
     raw.eval()
-    rows, hook = [], raw.register_forward_hook(lambda m, i, o: dist.broadcast(o, 0)) if distributed else None
-    g = torch.Generator(device).manual_seed(args.seed + epoch)  # the same draws on every rank: they decode in lockstep
     n = min(args.dev_samples, len(dev["ids"]))
-    for k in range(0, n, 8):  # 8 prompts at a time bounds the KV cache
-        convs = dev["conversations"][k : min(k + 8, n)]
-        prompts = [tokenizer.encode_dialogue(c[:1])[0] for c in convs]
-        with autocast:
-            steps = list(generate(raw, prompts, tokenizer.eot_id, args.max_new_tokens, generator=g))
-        answers = torch.stack(steps, 1).tolist() if steps else [[]] * len(prompts)
-        for c, a in zip(convs, answers):
-            end = a.index(tokenizer.eot_id) if tokenizer.eot_id in a else len(a)
-            rows.append({"prompt": c[0], "response": tokenizer.decode(a[:end]), "ended": end < len(a)})
-    if hook:
-        hook.remove()
+    convs = dev["conversations"][rank:n:world]  # each rank answers its share of the prompts
+    prompts = [tokenizer.encode_dialogue(c[:1])[0] for c in convs]
+    answers = [[] for _ in prompts]
+    if prompts:  # a bf16 cache under bf16 compute: 65B's float32 cache would take 5 MB a token
+        raw.setup_cache(len(prompts), min(raw.args.max_seq_len, max(map(len, prompts)) + args.max_new_tokens),
+                        dtype=torch.bfloat16 if bf16 else None)
+    g = torch.Generator(device).manual_seed(args.seed + epoch * world + rank)
+    steps = generate(raw, prompts, tokenizer.eot_id, args.max_new_tokens, generator=g) if prompts else iter(())
+    with autocast:
+        while True:  # one forward per rank per turn, in lockstep: FSDP gathers each block's weights collectively
+            nxt = next(steps, None)  # runs a forward unless this rank's answers are complete
+            if nxt is None:
+                raw(torch.zeros(1, 1, dtype=torch.long, device=device))  # join the others' gathers
+            else:
+                for a, t in zip(answers, nxt.tolist()):
+                    a.append(t)
+            if all_sum(nxt is not None)[0] == 0:
+                break
+    raw.clear_cache()
+    rows = []
+    for c, a in zip(convs, answers):
+        end = a.index(tokenizer.eot_id) if tokenizer.eot_id in a else len(a)
+        rows.append({"prompt": c[0], "response": tokenizer.decode(a[:end]), "ended": end < len(a)})
+    if distributed:  # back in prompt order on rank 0: prompt k was rank k % world's (k // world)-th
+        shares = [None] * world if master else None
+        dist.gather_object(rows, shares, dst=0)
+        rows = [shares[k % world][k // world] for k in range(n)] if master else rows
     raw.train()
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not master:
@@ -250,7 +276,9 @@ def save_epoch(epoch, dev_loss):
     tmp, final = out / f".tmp_epoch_{epoch:02d}", out / f"epoch_{epoch:02d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp / "consolidated.00.pth")
+    for k in state:  # one tensor at a time: never a float32 and a bf16 copy of the whole model at once
+        state[k] = state[k].to(torch.bfloat16)
+    torch.save(state, tmp / "consolidated.00.pth")
     (tmp / "params.json").write_text(json.dumps(asdict(raw.args), indent=2))
     shutil.copy(data / "tokenizer.model", tmp / "tokenizer.model")
     (tmp / "samples.jsonl").write_text("".join(json.dumps({"epoch": epoch, "dev_loss": dev_loss, **r}) + "\n" for r in rows))
