@@ -288,10 +288,13 @@ def _load_meta(path: Path) -> tuple:
     first = _torch_load(files[0])
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{files[0]}: no tok_embeddings.weight")
-    if params.get("vocab_size", -1) <= 0:  # Meta's params.json says -1: the tokenizer decides
-        params["vocab_size"] = first["tok_embeddings.weight"].shape[0]
-    args = ModelArgs(**{k: v for k, v in params.items() if k in known})
-    shapes = expected_shapes(args)
+    try:
+        if params.get("vocab_size", -1) <= 0:  # Meta's params.json says -1: the tokenizer decides
+            params["vocab_size"] = first["tok_embeddings.weight"].shape[0]
+        args = ModelArgs(**{k: v for k, v in params.items() if k in known})
+        shapes = expected_shapes(args)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"{path / 'params.json'}: not LLaMA's parameters ({e})") from None
     n = len(files)
     split = args.dim // first["tok_embeddings.weight"].shape[1]  # how many ways the release was split
     if split != n:
@@ -345,9 +348,11 @@ def _load_hf(path: Path) -> tuple:
             multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
             norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0),
             max_seq_len=config.get("max_position_embeddings", 2048))
+        shapes = expected_shapes(args)
     except KeyError as e:
         raise CheckpointError(f"{path / 'config.json'}: no {e.args[0]!r}, expected a LLaMA config") from None
-    assert args.hidden_dim == hidden
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: not a LLaMA config ({e})") from None
     index = next((f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (path / f).exists()), None)
     if index:
         files = sorted({path / f for f in _read_json(path / index)["weight_map"].values()})
@@ -355,7 +360,6 @@ def _load_hf(path: Path) -> tuple:
         files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"{path}: config.json but no model*.safetensors or pytorch_model*.bin")
-    shapes = expected_shapes(args)
     head_dim = dim // args.n_heads
     state_dict = {}
     for file in files:

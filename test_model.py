@@ -203,6 +203,12 @@ def test_missing_key_and_bad_files(meta_dir, tmp_path):
         torch.save(shard, f)
     with pytest.raises(CheckpointError, match=r"missing 1 weights, e.g. 'layers.1.ffn_norm.weight'"):
         load_checkpoint(meta_dir)
+    params = (meta_dir / "params.json").read_text()
+    for bad in ["[1]", '{"dim": "64"}', '{"n_heads": 0}']:
+        (meta_dir / "params.json").write_text(bad)
+        with pytest.raises(CheckpointError, match=r"params.json: not LLaMA's parameters"):
+            load_checkpoint(meta_dir)
+    (meta_dir / "params.json").write_text(params)
     (meta_dir / "consolidated.00.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"consolidated.00.pth: cannot be read as a weights-only"):
         load_checkpoint(meta_dir)
