@@ -64,8 +64,15 @@ if args.prompts:
         sys.exit(f"error: --prompts {src}: no such file")
     if not out.parent.is_dir():
         sys.exit(f"error: --output {out}: no directory {out.parent}")
+
+    def read_lines(path):
+        try:
+            return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        except UnicodeDecodeError as e:
+            sys.exit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start})")
+
     prompts = []  # (line number, prompt)
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_lines(src), 1):
         prompt = line.strip()
         if prompt and src.suffix == ".jsonl":
             try:
@@ -77,12 +84,11 @@ if args.prompts:
         if prompt:
             prompts.append((n, prompt))
     done = Counter()  # resume: prompts already answered in --output
-    if out.exists():
-        for n, line in enumerate(out.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                done[json.loads(line)["prompt"]] += 1
-            except (ValueError, KeyError, TypeError):
-                sys.exit(f'error: {out}:{n}: not an answer line (JSON with "prompt"); remove it to resume')
+    for n, line in enumerate(read_lines(out), 1):
+        try:
+            done[json.loads(line)["prompt"]] += 1
+        except (ValueError, KeyError, TypeError):
+            sys.exit(f'error: {out}:{n}: not an answer line (JSON with "prompt"); remove it to resume')
     todo = []
     for n, prompt in prompts:
         if done[prompt] > 0:

@@ -319,6 +319,8 @@ BAD = [  # (arguments, the one line expected on stderr)
     (["--prompts", "missing.txt", "--output", "o.jsonl", "--ckpt", "{ckpt}"], "error: --prompts missing.txt: no such file"),
     (["--prompts", "bad.jsonl", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
      'error: bad.jsonl:2: expected a JSON object whose "conversations" list starts with the prompt'),
+    (["--prompts", "latin1.txt", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
+     "error: latin1.txt: not UTF-8 text (invalid continuation byte at byte 3)"),
     (["hi", "--ckpt", "{ckpt}", "--tokenizer", "other.model"], "error: {ckpt} has 341 tokens but other.model has 81 "
                                                               "with EOT: not the tokenizer it was trained with"),
     (["hi", "--ckpt", "noshard", "--tokenizer", "other.model"], "error: noshard: params.json but no consolidated.NN.pth shard"),
@@ -329,6 +331,7 @@ BAD = [  # (arguments, the one line expected on stderr)
 @pytest.mark.parametrize("argv, message", BAD, ids=[m.split(":")[1].split(" ")[1] for _, m in BAD])
 def test_cli_refuses_bad_values(ckpt, tmp_path, argv, message):
     (tmp_path / "bad.jsonl").write_text('{"conversations": ["fine"]}\n{"conversations": []}\n')
+    (tmp_path / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))
     (tmp_path / "noshard").mkdir()
     shutil.copy(ckpt / "params.json", tmp_path / "noshard")
     train_tokenizer(tmp_path / "other", 80)
