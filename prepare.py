@@ -3,7 +3,7 @@ Turn dialogues in GAIR/lima's layout, one JSON object a line, {"conversations": 
 into the token ids and loss masks train.py reads: OUT/train.pt, OUT/dev.pt and OUT/tokenizer.model.
 
 python prepare.py                       # the sample in data/, with a small tokenizer trained on it (the tiny demo)
-python prepare.py --input ../lima/train.jsonl --tokenizer ../llama/tokenizer.model --dev 0   # LLaMA fine-tuning
+python prepare.py --input ../lima/train.jsonl --tokenizer ../llama/tokenizer.model --dev 50  # LLaMA fine-tuning
 """
 import argparse
 import hashlib
@@ -25,8 +25,8 @@ parser.add_argument("--tokenizer", help="SentencePiece model, e.g. LLaMA's token
                     "one on the input)")
 parser.add_argument("--out", default="data/prepared", help="output directory; an earlier output there is replaced")
 parser.add_argument("--max_len", type=int, default=2048, help="trim each dialogue to this many tokens (LIMA §3)")
-parser.add_argument("--dev", type=int, default=5, help="dialogues held out as a dev set (LIMA's 50 were kept apart "
-                    "from its 1,000 training examples; 5 suits the sample)")
+parser.add_argument("--dev", type=int, default=5, help="dialogues held out as a dev set, whose loss and sampled "
+                    "answers train.py reports each epoch (LIMA chose checkpoints on 50; 5 suits the sample)")
 parser.add_argument("--seed", type=int, default=1337, help="seed of the dev set's choice")
 parser.add_argument("--vocab_size", type=int, default=2000, help="pieces of the tokenizer trained without --tokenizer")
 args = parser.parse_args()
