@@ -281,10 +281,10 @@ def _load_meta(path: Path) -> tuple:
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shard")
-    expected_names = [f"consolidated.{i:02d}.pth" for i in range(len(files))]
-    for want, got in zip(expected_names, files):
-        if got.name != want:
-            raise CheckpointError(f"{path / want}: missing shard (found {', '.join(f.name for f in files)})")
+    for i, file in enumerate(files):
+        if file.name != f"consolidated.{i:02d}.pth":
+            found = ", ".join(f.name for f in files)
+            raise CheckpointError(f"{path}/consolidated.{i:02d}.pth: missing shard (found {found})")
     first = _torch_load(files[0])
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{files[0]}: no tok_embeddings.weight")
@@ -308,13 +308,13 @@ def _load_meta(path: Path) -> tuple:
                 continue
             if name not in shapes:
                 raise CheckpointError(f"{file}: unexpected key {name!r}")
-            full = shapes[name]
             dim = META_SPLIT_DIM.get(name.split(".")[-2])
             if dim is None or n == 1:  # replicated (norms) or a single shard: take it whole
                 _check(file, name, shapes, tensor.shape)
                 if i == 0:
                     state_dict[name] = tensor if n == 1 else tensor.clone()  # clone: let the shard's pages go
                 continue
+            full = shapes[name]
             part = full[dim] // n
             want = full[:dim] + (part,) + full[dim + 1 :]
             if full[dim] % n or tuple(tensor.shape) != tuple(want):
