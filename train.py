@@ -51,9 +51,8 @@ p.add_argument("--save_epochs", default="5-10", help='"5-10" (LIMA\'s choice), "
 p.add_argument("--resume", action="store_true", help="continue from OUT/resume/")
 p.add_argument("--seed", type=int, default=1337)
 p.add_argument("--steps", type=int, help="stop (resumably) after this many optimizer steps in total")
-p.add_argument("--dim", type=int, help="tiny only: model width")
-p.add_argument("--n_layers", type=int, help="tiny only")
-p.add_argument("--n_heads", type=int, help="tiny only")
+for k in ("dim", "n_layers", "n_heads"):
+    p.add_argument(f"--{k}", type=int, help="tiny only: the model's shape")
 args = p.parse_args()
 
 # LIMA §3 by default; tiny learns from scratch on a CPU in minutes, so it takes far larger steps
@@ -64,30 +63,22 @@ SIZES = {"tiny": dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0
 for k, v in {**LIMA, **SIZES.get(args.size, {})}.items():
     setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
 
-
-def fail(msg):
-    sys.exit(f"error: {msg}")
-
-
-if args.size not in ("tiny", "7B", "13B", "30B", "33B", "65B"):
-    fail(f"--size {args.size}: expected tiny, 7B, 13B, 33B (or 30B) or 65B")
-if args.size != "tiny" and not args.init:
-    fail(f"--size {args.size} needs --init DIR with pretrained LLaMA weights: LIMA fine-tunes, it never trains from scratch")
-for ok, flag, want in [(args.epochs >= 1, "epochs", ">= 1"), (args.batch_size >= 1, "batch_size", ">= 1"),
-                       (0 <= args.dropout < 1, "dropout", "in [0, 1)"), (args.max_len >= 2, "max_len", ">= 2"),
-                       (args.tokens_per_micro >= 1, "tokens_per_micro", ">= 1"), (args.lr > 0, "lr", "> 0"),
-                       (args.dev_samples >= 0, "dev_samples", ">= 0")]:
+fail = lambda msg: sys.exit(f"error: {msg}")  # one line, no traceback
+for ok, flag, want in [
+        (args.size in ("tiny", "7B", "13B", "30B", "33B", "65B"), "size", "tiny, 7B, 13B, 33B (or 30B) or 65B"),
+        (args.epochs >= 1, "epochs", ">= 1"), (args.batch_size >= 1, "batch_size", ">= 1"), (args.lr > 0, "lr", "> 0"),
+        (0 <= args.dropout < 1, "dropout", "in [0, 1)"), (args.max_len >= 2, "max_len", ">= 2"),
+        (args.tokens_per_micro >= 1, "tokens_per_micro", ">= 1"), (args.dev_samples >= 0, "dev_samples", ">= 0")]:
     if not ok:
         fail(f"--{flag} {getattr(args, flag)}: expected {want}")
-if args.save_epochs == "all":
-    save_epochs = set(range(1, args.epochs + 1))
-else:
-    try:
-        a, _, b = args.save_epochs.partition("-")
-        save_epochs = set(range(int(a), int(b) + 1)) if b else {int(e) for e in args.save_epochs.split(",")}
-    except ValueError:
-        fail(f"--save_epochs {args.save_epochs!r}: expected 'all', a range like 5-10 or a list like 1,3,7")
-save_epochs.add(args.epochs)
+if args.size != "tiny" and not args.init:
+    fail(f"--size {args.size} needs --init DIR with pretrained LLaMA weights: LIMA fine-tunes, it never trains from scratch")
+spec = f"1-{args.epochs}" if args.save_epochs == "all" else args.save_epochs
+a, _, b = spec.partition("-")
+try:  # the last epoch is always saved
+    save_epochs = {args.epochs, *(range(int(a), int(b) + 1) if b else map(int, spec.split(",")))}
+except ValueError:
+    fail(f"--save_epochs {args.save_epochs!r}: expected 'all', a range like 5-10 or a list like 1,3,7")
 
 # -----------------------------------------------------------------------------
 # processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK on every node; plain python is one process
@@ -101,7 +92,7 @@ if distributed:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 bf16 = (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16"  # bf16 on a CPU is slow
 autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-fsdp = distributed and args.parallel == "fsdp"
+fsdp, ddp = distributed and args.parallel == "fsdp", distributed and args.parallel == "ddp"
 out = Path(args.out)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process: that is the intent
 
@@ -136,11 +127,10 @@ if not train["ids"]:
 # model: the starting weights exist whole only on rank 0 (memory-mapped for a LLaMA); the others get them by broadcast
 src = None
 if master and args.init:
-    for t in (Path(args.init) / "tokenizer.model", Path(args.init).parent / "tokenizer.model"):
-        if t.is_file():
-            if hashlib.sha256(t.read_bytes()).hexdigest() != sha:
-                fail(f"{t} differs from {data / 'tokenizer.model'}: prepare the data with the checkpoint's tokenizer")
-            break
+    tok = next((t for t in (Path(args.init) / "tokenizer.model", Path(args.init).parent / "tokenizer.model")
+                if t.is_file()), None)  # LLaMA's, beside the weights or one level up
+    if tok and hashlib.sha256(tok.read_bytes()).hexdigest() != sha:
+        fail(f"{tok} differs from {data / 'tokenizer.model'}: prepare the data with the checkpoint's tokenizer")
     try:
         src = Transformer.from_pretrained(args.init, dropout=args.dropout)
     except (CheckpointError, FileNotFoundError) as e:
@@ -168,14 +158,11 @@ if fsdp:  # one all-gather/reduce-scatter unit per block; bf16 on the wire and i
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
 model.to_empty(device=device)  # float32: the master weights
-if distributed:
-    set_model_state_dict(model, src.state_dict() if master else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-else:
-    model.load_state_dict(src.state_dict())
+set_model_state_dict(model, src.state_dict() if master else {},
+                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
 del src
-raw = model
-if distributed and not fsdp:
+raw = model  # the bare Transformer (FSDP2 shards it in place; DDP wraps it)
+if ddp:
     model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 # AdamW; weight decay on matrices and embeddings, not on the norms' gains
@@ -187,15 +174,10 @@ steps_per_epoch = math.ceil(len(train["ids"]) / args.batch_size)
 total_steps = args.epochs * steps_per_epoch
 
 
-def lr_at(step):  # LIMA §3: no warmup, linear from lr to min_lr at the last step
-    return args.lr + (args.min_lr - args.lr) * step / max(1, total_steps - 1)
-
-
 # -----------------------------------------------------------------------------
 def plan(d, idx):
-    """This rank's micro-batches of the dialogues idx: longest first, cut where a micro-batch would exceed
-    tokens_per_micro (padding included) so each holds similar lengths, dealt round-robin to the ranks. Every rank
-    gets the same number (FSDP gathers weights collectively); an empty list is a turn with no dialogue."""
+    """This rank's micro-batches of the dialogues idx: longest first, cut at tokens_per_micro (padding included) so
+    each holds similar lengths, dealt round-robin; every rank gets as many (FSDP gathers collectively), [] if idle."""
     idx, micros = sorted(idx, key=lambda i: -len(d["ids"][i])), [[]]
     for i in idx:
         if micros[-1] and (len(micros[-1]) + 1) * len(d["ids"][micros[-1][0]]) > args.tokens_per_micro:
@@ -261,10 +243,9 @@ def save_epoch(epoch, dev_loss):
             if all_sum(nxt is not None)[0] == 0:
                 break
     raw.clear_cache()
-    rows = []
-    for c, a in zip(convs, answers):
-        end = a.index(tokenizer.eot_id) if tokenizer.eot_id in a else len(a)
-        rows.append({"prompt": c[0], "response": tokenizer.decode(a[:end]), "ended": end < len(a)})
+    eot = tokenizer.eot_id
+    rows = [{"prompt": c[0], "response": tokenizer.decode(a[: a.index(eot)] if eot in a else a), "ended": eot in a}
+            for c, a in zip(convs, answers)]
     if distributed:  # back in prompt order on rank 0: prompt k was rank k % world's (k // world)-th
         shares = [None] * world if master else None
         dist.gather_object(rows, shares, dst=0)
@@ -286,19 +267,6 @@ def save_epoch(epoch, dev_loss):
     tmp.rename(final)
 
 
-def save_state(step):
-    """Weights, AdamW state and step in OUT/resume/step_NNNNNN/, each rank writing its own shards."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    tmp, final = out / "resume" / f".tmp_step_{step:06d}", out / "resume" / f"step_{step:06d}"
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    if master:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in (out / "resume").glob("step_*"):
-            if old != final:
-                shutil.rmtree(old)
-
-
 start = 0
 if args.resume:  # data order, dropout masks and lr are functions of the step: weights and AdamW state are all we need
     saved = sorted((out / "resume").glob("step_*"))
@@ -308,12 +276,10 @@ if args.resume:  # data order, dropout masks and lr are functions of the step: w
     dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=saved[-1])
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     start = int(saved[-1].name[5:])
-elif master and (out / "log.jsonl").exists():
-    (out / "log.jsonl").unlink()
-if master:
+if master:  # OUT/log.jsonl: one JSON object a line, the settings first with LIMA's defaults filled in
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "log.jsonl", "a") as f:  # the settings first, LIMA's defaults filled in
-        f.write(json.dumps({"config": vars(args), "world_size": world, "compute_dtype": "bfloat16" if bf16 else "float32"}) + "\n")
+    logf = open(out / "log.jsonl", "a" if args.resume else "w", buffering=1)
+    print(json.dumps({"config": vars(args), "world_size": world, "compute_dtype": "bfloat16" if bf16 else "float32"}), file=logf)
 
 # -----------------------------------------------------------------------------
 end = min(total_steps, args.steps or total_steps)
@@ -327,17 +293,17 @@ for step in bar:
     epoch, k = divmod(step, steps_per_epoch)
     order = torch.randperm(len(train["ids"]), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
     batch = order[k * args.batch_size : (k + 1) * args.batch_size]
+    lr = args.lr + (args.min_lr - args.lr) * step / max(1, total_steps - 1)  # LIMA §3: no warmup, linear to min_lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     # the loss is summed over supervised tokens and divided by their count in the whole global batch, so the update
     # does not depend on world size or micro-batching; x world because DDP and FSDP average gradients over ranks
     n_target = sum(int(train["mask"][i][1:].sum()) for i in batch)
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step)
     torch.manual_seed(args.seed + step * world + rank)  # dropout masks: a resumed run draws the same
     micros, loss_sum, pad = plan(train, batch), 0.0, 0
     for j, micro in enumerate(micros):
-        last = j == len(micros) - 1
         # DDP: all-reduce once, after the last micro-batch (FSDP reduce-scatters each, to keep gradients sharded)
-        with model.no_sync() if distributed and not fsdp and not last else nullcontext():
+        with model.no_sync() if ddp and j < len(micros) - 1 else nullcontext():
             loss, padded = micro_loss(train, micro)
             (loss * world / n_target).backward()
         loss_sum, pad = loss_sum + loss.item(), pad + padded
@@ -348,25 +314,31 @@ for step in bar:
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(len(train["ids"][i]) - 1 for i in batch)
     tps = tokens / (time.time() - t0)
-    log = dict(step=step + 1, epoch=epoch + 1, loss=loss_sum / n_target, lr=lr_at(step), tokens=tokens,
+    log = dict(step=step + 1, epoch=epoch + 1, loss=loss_sum / n_target, lr=lr, tokens=tokens,
                pad=pad / (pad + tokens), tokens_per_s=round(tps))
     if peak:
         log["mfu"] = 6 * n_params * tps / (peak * world)  # 6 FLOPs per parameter per token, forward and backward
     if master:
         bar.set_postfix(loss=f"{log['loss']:.3f}", lr=f"{log['lr']:.1e}", tok_s=log["tokens_per_s"],
                         **({"mfu": f"{log['mfu']:.0%}"} if peak else {}))
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(log) + "\n")
+        print(json.dumps(log), file=logf)
     if k == steps_per_epoch - 1:  # end of an epoch
         dev_loss = evaluate()
         if master:
             tqdm.write(f"epoch {epoch + 1}: dev loss {dev_loss}")
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": epoch + 1, "dev_loss": dev_loss}) + "\n")
+            print(json.dumps({"epoch": epoch + 1, "dev_loss": dev_loss}), file=logf)
         if epoch + 1 in save_epochs:
             save_epoch(epoch + 1, dev_loss)
-    if k == steps_per_epoch - 1 or step + 1 == end:
-        save_state(step + 1)
+    if k == steps_per_epoch - 1 or step + 1 == end:  # weights, AdamW state and step; each rank writes its shards
+        model_state, optim_state = get_state_dict(model, optimizer)
+        tmp, final = out / "resume" / f".tmp_step_{step + 1:06d}", out / "resume" / f"step_{step + 1:06d}"
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        if master:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in (out / "resume").glob("step_*"):
+                if old != final:
+                    shutil.rmtree(old)
 bar.close()
 if distributed:
     dist.destroy_process_group()
