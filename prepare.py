@@ -21,12 +21,11 @@ from tqdm import tqdm
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--input", default="data/sample.jsonl", help="dialogues, one JSON object a line")
-parser.add_argument("--tokenizer", help="SentencePiece model, e.g. LLaMA's tokenizer.model (default: train a small "
-                    "one on the input)")
+parser.add_argument("--tokenizer", help="SentencePiece model, e.g. LLaMA's (default: train a small one on the input)")
 parser.add_argument("--out", default="data/prepared", help="output directory; an earlier output there is replaced")
 parser.add_argument("--max_len", type=int, default=2048, help="trim each dialogue to this many tokens (LIMA §3)")
-parser.add_argument("--dev", type=int, default=5, help="dialogues held out as a dev set, whose loss and sampled "
-                    "answers train.py reports each epoch (LIMA chose checkpoints on 50; 5 suits the sample)")
+parser.add_argument("--dev", type=int, default=5, help="dialogues held out, for train.py's dev loss and samples "
+                    "each epoch (LIMA chose checkpoints on 50; 5 suits the sample)")
 parser.add_argument("--seed", type=int, default=1337, help="seed of the dev set's choice")
 parser.add_argument("--vocab_size", type=int, default=2000, help="pieces of the tokenizer trained without --tokenizer")
 args = parser.parse_args()
@@ -49,6 +48,7 @@ if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= {"t
 if args.tokenizer:
     try:
         spm.SentencePieceProcessor(model_file=args.tokenizer)
+        model = Path(args.tokenizer).read_bytes()  # copied into OUT
     except (OSError, RuntimeError):
         fail(f"{args.tokenizer}: no such file or not a SentencePiece model (expected e.g. LLaMA's tokenizer.model)")
 
@@ -83,12 +83,10 @@ if N == 0:
 if not 0 <= args.dev < N:
     fail(f"--dev {args.dev}: expected 0 to {N - 1}, since {src} has {N} dialogues and one must be left to train on")
 
-# The tokenizer: LLaMA's, or for the tiny demo a small BPE model set up like it: byte fallback (any text encodes),
+# Without --tokenizer (the tiny demo), a small BPE model set up like LLaMA's: byte fallback (any text encodes),
 # digits split, whitespace kept as is (code indentation), the same special ids; one thread, so the same input always
 # gives the same file.
-if args.tokenizer:
-    model = Path(args.tokenizer).read_bytes()
-else:
+if not args.tokenizer:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -115,12 +113,10 @@ try:
     (tmp / "tokenizer.model").write_bytes(model)
     tok = Tokenizer(tmp / "tokenizer.model")
     # BOS, each turn then EOT, the mask on the assistant's tokens and their EOT; longer texts trimmed (LIMA §3)
-    ids, mask, lengths = [], [], []
-    for turns in tqdm(conversations, desc="encoding", unit=" dialogues", disable=N < 200):
-        i, m = tok.encode_dialogue(turns)
-        lengths.append(len(i))
-        ids.append(torch.tensor(i[: args.max_len], dtype=torch.long))
-        mask.append(torch.tensor(m[: args.max_len], dtype=torch.bool))
+    encoded = [tok.encode_dialogue(turns)
+               for turns in tqdm(conversations, desc="encoding", unit=" dialogues", disable=N < 200)]
+    ids = [torch.tensor(i[: args.max_len], dtype=torch.long) for i, _ in encoded]
+    mask = [torch.tensor(m[: args.max_len], dtype=torch.bool) for _, m in encoded]
 
     dev = set(random.Random(args.seed).sample(range(N), args.dev))
     for name, keep in (("train", [k for k in range(N) if k not in dev]), ("dev", sorted(dev))):
@@ -142,16 +138,14 @@ finally:
 # -----------------------------------------------------------------------------
 # summary
 
-lengths.sort()
+lengths = sorted(len(i) for i, _ in encoded)  # before trimming
 pct = {q: lengths[min(N - 1, int(q / 100 * N))] for q in (50, 90, 99)}
-unsupervised = sum(not m.any() for m in mask)
 print(f"wrote {out}/: {N:,} dialogues ({N - len(dev):,} train, {len(dev):,} dev), "
       f"{sum(map(len, conversations)):,} turns, from {src}")
 print(f"tokenizer: {args.tokenizer or f'trained on {src}'}, {tok.eot_id:,} pieces + EOT (id {tok.eot_id:,})")
 print(f"tokens: {sum(lengths):,} before trimming; {sum(n > args.max_len for n in lengths):,} dialogues trimmed at "
-      f"{args.max_len:,}, leaving {sum(map(len, ids)):,} tokens, "
-      f"of which {sum(int(m.sum()) for m in mask):,} supervised")
+      f"{args.max_len:,}, leaving {sum(map(len, ids)):,} tokens, of which {sum(int(m.sum()) for m in mask):,} supervised")
 print(f"tokens per dialogue before trimming: p50 {pct[50]:,}, p90 {pct[90]:,}, p99 {pct[99]:,}, max {lengths[-1]:,}")
 print("sources: " + ", ".join(f"{s or '(none)'} {c:,}" for s, c in Counter(sources).most_common()))
-if unsupervised:
+if unsupervised := sum(not m.any() for m in mask):
     print(f"warning: {unsupervised:,} dialogues keep no assistant token within --max_len {args.max_len:,}")

@@ -18,20 +18,19 @@ parser.add_argument("prompt", nargs="?", help="one prompt; its answer streams to
 parser.add_argument("--ckpt", help="checkpoint directory, Meta or Hugging Face layout (default: newest out/epoch_*)")
 parser.add_argument("--tokenizer", help="SentencePiece model (default: CKPT/tokenizer.model)")
 parser.add_argument("--temperature", type=float, default=0.7, help="softmax temperature, LIMA: %(default)s; 0 is greedy")
-parser.add_argument("--top_p", type=float, default=0.9,
-                    help="nucleus sampling: draw from the smallest set of tokens whose probability reaches "
-                    "top_p, LIMA: %(default)s")
-parser.add_argument("--repetition_penalty", type=float, default=1.2,
-                    help="applies to the tokens already generated in this answer (LIMA's 'previously generated "
-                    "tokens'; the prompt is not penalised): their positive logits are divided by it and their "
-                    "negative logits multiplied by it; LIMA: %(default)s, 1 turns it off")
-parser.add_argument("--max_new_tokens", type=int, default=2048, help="longest answer, LIMA: %(default)s; never past the model's context")
+parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling: draw from the smallest set of tokens "
+                    "whose probability reaches top_p, LIMA: %(default)s")
+parser.add_argument("--repetition_penalty", type=float, default=1.2, help="applies to the tokens already generated "
+                    "in this answer (LIMA's 'previously generated tokens'; the prompt is not penalised): their "
+                    "positive logits are divided by it and their negative logits multiplied by it; LIMA: %(default)s, "
+                    "1 turns it off")
+parser.add_argument("--max_new_tokens", type=int, default=2048, help="longest answer, LIMA: %(default)s; never past the context")
 parser.add_argument("--seed", type=int, help="random seed, for reproducible answers")
 parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat; Ctrl-D or Ctrl-C leaves")
 parser.add_argument("--prompts", help="answer each prompt of a text file (one per line) or of a jsonl file "
                     "(the first turn of 'conversations', e.g. GAIR/lima's test set)")
 parser.add_argument("--output", help="jsonl for --prompts' answers; a rerun skips the prompts already in it")
-parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together with --prompts (default: %(default)s)")
+parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (default: %(default)s)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 args = parser.parse_args()
 if (args.prompt is not None) + args.chat + (args.prompts is not None) != 1:
@@ -40,7 +39,8 @@ if (args.prompts is None) != (args.output is None):
     parser.error("--prompts FILE and --output FILE.jsonl go together")
 for ok, flag, want in [(0 < args.top_p <= 1, "top_p", "in (0, 1]"), (args.temperature >= 0, "temperature", ">= 0"),
                        (args.repetition_penalty >= 1, "repetition_penalty", ">= 1 (1 is no penalty)"),
-                       (args.max_new_tokens >= 1, "max_new_tokens", ">= 1"), (args.batch_size >= 1, "batch_size", ">= 1")]:
+                       (args.max_new_tokens >= 1, "max_new_tokens", ">= 1"),
+                       (args.batch_size >= 1, "batch_size", ">= 1")]:
     if not ok:
         sys.exit(f"error: --{flag} must be {want}, got {getattr(args, flag)}")
 
@@ -91,9 +91,8 @@ if args.prompts:
             sys.exit(f'error: {out}:{n}: not an answer line (JSON with "prompt"); remove it to resume')
     todo = []
     for n, prompt in prompts:
-        if done[prompt] > 0:
-            done[prompt] -= 1
-        else:
+        done[prompt] -= 1  # each answer in --output accounts for one occurrence of its prompt
+        if done[prompt] < 0:
             todo.append((n, prompt))
 
 import torch
@@ -125,8 +124,7 @@ context = model.args.max_seq_len
 
 
 def stream(ids, start_pos=0):
-    """Print the answer to the dialogue ids as it is generated; positions < start_pos are already in the cache.
-    Returns the answer's tokens, ending with EOT unless cut off by --max_new_tokens or the context."""
+    """Print the answer to ids as it comes (positions < start_pos are cached); return it, EOT last unless cut off."""
     answer, shown = [], ""
     for t in generate(model, [ids[start_pos:]], tok.eot_id, args.max_new_tokens, args.temperature, args.top_p,
                       args.repetition_penalty, start_pos=start_pos):
@@ -150,11 +148,7 @@ try:
         turns, cached = [], 0  # each utterance's tokens with its EOT; the cache holds the dialogue's first `cached`
         model.setup_cache(1, context)
         while True:
-            try:
-                turns.append(tok.encode(input("> ")) + [tok.eot_id])
-            except EOFError:
-                print()
-                break
+            turns.append(tok.encode(input("> ")) + [tok.eot_id])  # Ctrl-D raises EOFError: the chat ends below
             while len(turns) > 1 and 1 + sum(map(len, turns)) + room > context:
                 turns, cached = turns[2:], 0  # drop the oldest exchange; the rest is prefilled again
             ids = [tok.bos_id] + sum(turns, [])
@@ -166,29 +160,23 @@ try:
             cached = len(ids) + len(answer) - 1  # generate does not feed the last token it yields
             turns.append(answer if answer[-1] == tok.eot_id else answer + [tok.eot_id])
     else:
-        batches = []
-        for n, prompt in todo:
-            ids, _ = tok.encode_dialogue([prompt])
+        batches = [tok.encode_dialogue([prompt])[0] for _, prompt in todo]
+        for (n, _), ids in zip(todo, batches):
             if len(ids) >= context:
                 sys.exit(f"error: {src}:{n}: the prompt is {len(ids)} tokens; the model's context is {context}")
-            batches.append(ids)
         if len(todo) < len(prompts):
             print(f"{out}: {len(prompts) - len(todo)} prompts already answered, {len(todo)} to go", file=sys.stderr)
         with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="prompt") as bar:
             for b in range(0, len(todo), args.batch_size):
-                batch = batches[b : b + args.batch_size]
-                answers, stopped = [[] for _ in batch], [False] * len(batch)
-                for nxt in generate(model, batch, tok.eot_id, args.max_new_tokens, args.temperature, args.top_p,
-                                    args.repetition_penalty):
-                    for i, t in enumerate(nxt.tolist()):
-                        stopped[i] = stopped[i] or t == tok.eot_id
-                        if not stopped[i]:
-                            answers[i].append(t)
+                steps = generate(model, batches[b : b + args.batch_size], tok.eot_id, args.max_new_tokens,
+                                 args.temperature, args.top_p, args.repetition_penalty)
+                rows = torch.stack(list(steps), 1).tolist()  # a row that has stopped repeats EOT to the end
+                answers = [(row[: row.index(tok.eot_id)], True) if tok.eot_id in row else (row, False) for row in rows]
                 f.write("".join(json.dumps({"prompt": p, "response": tok.decode(a), "tokens": len(a),
                                             "stopped_at_eot": s}, ensure_ascii=False) + "\n"
-                                for (_, p), a, s in zip(todo[b : b + args.batch_size], answers, stopped)))
+                                for (_, p), (a, s) in zip(todo[b : b + args.batch_size], answers)))
                 f.flush()  # whole lines, batch by batch: an interrupted run keeps every finished answer
-                bar.update(len(batch))
-except KeyboardInterrupt:  # Ctrl-C: leave without a traceback (--output keeps the batches already written)
-    print(file=sys.stderr)
+                bar.update(len(rows))
+except (KeyboardInterrupt, EOFError) as e:  # Ctrl-C or Ctrl-D: no traceback (--output keeps the batches written)
+    print(file=sys.stdout if isinstance(e, EOFError) else sys.stderr)
     sys.exit(0 if args.chat else 130)
