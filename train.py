@@ -300,14 +300,14 @@ for step in bar:
     # does not depend on world size or micro-batching; x world because DDP and FSDP average gradients over ranks
     n_target = sum(int(train["mask"][i][1:].sum()) for i in batch)
     torch.manual_seed(args.seed + step * world + rank)  # dropout masks: a resumed run draws the same
-    micros, loss_sum, pad = plan(train, batch), 0.0, 0
+    micros, loss_sum, pad = plan(train, batch), torch.zeros((), device=device), 0
     for j, micro in enumerate(micros):
         # DDP: all-reduce once, after the last micro-batch (FSDP reduce-scatters each, to keep gradients sharded)
         with model.no_sync() if ddp and j < len(micros) - 1 else nullcontext():
             loss, padded = micro_loss(train, micro)
             (loss * world / n_target).backward()
-        loss_sum, pad = loss_sum + loss.item(), pad + padded
-    loss_sum, pad = all_sum(loss_sum, pad)
+        loss_sum, pad = loss_sum + loss.detach(), pad + padded  # no host sync per micro-batch
+    loss_sum, pad = all_sum(loss_sum.item(), pad)
     if not math.isfinite(loss_sum):
         fail(f"non-finite loss at step {step + 1} (epoch {epoch + 1}); the checkpoints in {out} are from before it")
     optimizer.step()
