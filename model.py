@@ -199,9 +199,13 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, vocab_size: Optional[int] = None, dtype=None, dropout: float = 0.0):
         """Load a Meta-layout (params.json + consolidated.NN.pth) or Hugging Face (config.json + safetensors or
-        .bin) LLaMA directory; grow the vocabulary to vocab_size (adding EOT) if given. Tensors are memory-mapped
-        and filled into a model built on the meta device, so no second full copy is ever held."""
+        .bin) LLaMA directory. vocab_size is the tokenizer's with EOT: a base LLaMA (one token short) grows by EOT,
+        any other size is refused. Tensors are memory-mapped and filled into a model built on the meta device, so
+        no second full copy is ever held."""
         args, state_dict = load_checkpoint(path)
+        if vocab_size is not None and args.vocab_size not in (vocab_size - 1, vocab_size):
+            raise CheckpointError(f"{path} has {args.vocab_size} tokens, expected {vocab_size - 1} (a base LLaMA) or "
+                                  f"{vocab_size} (with EOT): it was not trained with this tokenizer")
         args.dropout = dropout
         dtype = dtype or next(iter(state_dict.values())).dtype
         with torch.device("meta"):
@@ -419,7 +423,7 @@ class Tokenizer:
         return ids, mask
 
     def decode(self, ids) -> str:
-        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eot_id) and i < self.eot_id])
+        return self.sp.decode([i for i in ids if i != self.bos_id and i < self.eot_id])
 
 
 # -----------------------------------------------------------------------------

@@ -109,14 +109,9 @@ try:
 except (OSError, RuntimeError) as e:
     sys.exit(f"error: {tok_path}: not a SentencePiece model ({e})")
 try:
-    model = Transformer.from_pretrained(ckpt, dtype=dtype)
+    model = Transformer.from_pretrained(ckpt, vocab_size=tok.n_words, dtype=dtype)  # a base LLaMA gains EOT
 except CheckpointError as e:
     sys.exit(f"error: {e}")
-if model.args.vocab_size not in (tok.n_words - 1, tok.n_words):  # a base LLaMA lacks only EOT
-    sys.exit(f"error: {ckpt} has {model.args.vocab_size} tokens but {tok_path} has {tok.n_words} with EOT: "
-             f"not the tokenizer it was trained with")
-if model.args.vocab_size < tok.n_words:
-    model.grow_vocab(tok.n_words)  # EOT's row starts as the mean of the others
 model = model.to(device).eval()
 if args.compile:
     model = torch.compile(model)

@@ -157,6 +157,9 @@ def test_from_pretrained_grows_eot(tmp_path):
     to_meta_layout(hf_model().state_dict(), 4, 4, 64, 1, tmp_path)
     model = Transformer.from_pretrained(tmp_path, vocab_size=97)
     assert model.args.vocab_size == 97 and model.output.weight.shape == (97, 64)
+    assert Transformer.from_pretrained(tmp_path, vocab_size=96).args.vocab_size == 96  # EOT already there
+    with pytest.raises(CheckpointError, match=r"has 96 tokens, expected 98 \(a base LLaMA\) or 99 \(with EOT\)"):
+        Transformer.from_pretrained(tmp_path, vocab_size=99)
 
 
 # -----------------------------------------------------------------------------

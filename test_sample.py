@@ -321,8 +321,8 @@ BAD = [  # (arguments, the one line expected on stderr)
      'error: bad.jsonl:2: expected a JSON object whose "conversations" list starts with the prompt'),
     (["--prompts", "latin1.txt", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
      "error: latin1.txt: not UTF-8 text (invalid continuation byte at byte 3)"),
-    (["hi", "--ckpt", "{ckpt}", "--tokenizer", "other.model"], "error: {ckpt} has 341 tokens but other.model has 81 "
-                                                              "with EOT: not the tokenizer it was trained with"),
+    (["hi", "--ckpt", "{ckpt}", "--tokenizer", "other.model"], "error: {ckpt} has 341 tokens, expected 80 (a base "
+                                                              "LLaMA) or 81 (with EOT): it was not trained with this tokenizer"),
     (["hi", "--ckpt", "noshard", "--tokenizer", "other.model"], "error: noshard: params.json but no consolidated.NN.pth shard"),
     (["Plan a trip to Kyoto. " * 12, "--ckpt", "{ckpt}"], "error: the prompt is {n} tokens; the model's context is 64"),
 ]

@@ -183,8 +183,8 @@ def test_refusals(toy_data, resumed, tmp_path):
         (bare / name).write_bytes((resumed / "epoch_02" / name).read_bytes())
     r = train(other, tmp_path / "d", "--init", str(bare))
     assert r.returncode == 1 and r.stderr.strip() == (
-        f"error: {bare} has 97 tokens but {other} was tokenized into 80 plus EOT; "
-        "prepare the data with the checkpoint's tokenizer.model")
+        f"error: {bare} has 97 tokens, expected 80 (a base LLaMA) or 81 (with EOT): "
+        "it was not trained with this tokenizer")
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 

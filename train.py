@@ -132,13 +132,9 @@ if master and args.init:
     if tok and hashlib.sha256(tok.read_bytes()).hexdigest() != sha:
         fail(f"{tok} differs from {data / 'tokenizer.model'}: prepare the data with the checkpoint's tokenizer")
     try:
-        src = Transformer.from_pretrained(args.init, dropout=args.dropout)
+        src = Transformer.from_pretrained(args.init, vocab_size=n_words, dropout=args.dropout)  # LIMA §2: adds EOT
     except (CheckpointError, FileNotFoundError) as e:
         fail(str(e))
-    if src.args.vocab_size not in (n_words - 1, n_words):  # LLaMA's vocabulary, with or without EOT
-        fail(f"{args.init} has {src.args.vocab_size} tokens but {data} was tokenized into {n_words - 1} plus EOT; "
-             f"prepare the data with the checkpoint's tokenizer.model")
-    src.grow_vocab(n_words)  # LIMA §2: a new end-of-turn token
 elif master:
     overrides = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads") if getattr(args, k)}
     torch.manual_seed(args.seed)
