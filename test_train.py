@@ -1,6 +1,7 @@
 """train.py: identical updates for any world size and micro-batching, the LIMA recipe's settings, fp32 master
 weights, epoch checkpoints that load, exact resume, and refusals. Float32, tiny models, CPU (gloo)."""
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from model import ModelArgs, Transformer
 SMALL = ["--dim", "64", "--n_layers", "2", "--n_heads", "2", "--dev_samples", "0"]
 
 
-def train(data, out, *flags, nproc=1):
-    cmd = [sys.executable, "train.py", "--data", str(data), "--out", str(out), *flags]
+def train(data, out, *flags, nproc=1, script="train.py"):
+    cmd = [sys.executable, str(script), "--data", str(data), "--out", str(out), *flags]
     if nproc > 1:
         with socket.socket() as s:  # a free port for the rendezvous
             s.bind(("127.0.0.1", 0))
@@ -25,8 +26,8 @@ def train(data, out, *flags, nproc=1):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
 
-def trained(data, out, *flags, nproc=1):
-    r = train(data, out, *flags, nproc=nproc)
+def trained(data, out, *flags, nproc=1, script="train.py"):
+    r = train(data, out, *flags, nproc=nproc, script=script)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -54,18 +55,22 @@ THREE_STEPS = [*SMALL, "--steps", "3", "--batch_size", "16", "--lr", "1e-3", "--
 
 @pytest.fixture(scope="module")
 def one_process(toy_data, tmp_path_factory):
-    out = trained(toy_data[0], tmp_path_factory.mktemp("single"), *THREE_STEPS)
-    return {**state(out), "pad": [row["pad"] for row in log(out) if "step" in row]}
+    out = trained(toy_data[0], tmp_path_factory.mktemp("single"), *THREE_STEPS, "--peak_flops", "1e9")
+    return {**state(out), "pad": [row["pad"] for row in log(out) if "step" in row], "out": out}
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_equal_one(parallel, one_process, toy_data, tmp_path):
-    # FSDP2 also recomputes activations (checkpointing), as it does for 7B and up
-    flags = ["--parallel", parallel] + (["--act_ckpt", "1"] if parallel == "fsdp" else [])
-    two = state(trained(toy_data[0], tmp_path, *THREE_STEPS, *flags, nproc=2))
+def test_fsdp_processes_equal_one_and_resume_on_more(one_process, toy_data, tmp_path):
+    """FSDP2 on 2 ranks; on 3 ranks recomputing activations (step 3 has 2 micro-batches: the third rank has none);
+    and the 2-rank run resumed on 3 ranks for a 4th step (DCP reshards weights and AdamW state), against 1 process."""
+    two = state(trained(toy_data[0], tmp_path / "two", *THREE_STEPS, nproc=2))
     assert rel_diff(two["model"], one_process["model"]) <= 1e-5
-    assert log(tmp_path)[0]["world_size"] == 2
-    assert len([row for row in log(tmp_path) if "step" in row]) == 3
+    three = state(trained(toy_data[0], tmp_path / "three", *THREE_STEPS, "--act_ckpt", "1", nproc=3))
+    assert rel_diff(three["model"], one_process["model"]) <= 1e-5
+    for out, nproc in ((tmp_path / "two", 3), (shutil.copytree(one_process["out"], tmp_path / "one"), 1)):
+        trained(toy_data[0], out, *THREE_STEPS, "--steps", "4", "--resume", nproc=nproc)
+    assert rel_diff(state(tmp_path / "two")["model"], state(tmp_path / "one")["model"]) <= 1e-5
+    assert [row["world_size"] for row in log(tmp_path / "two") if "config" in row] == [2, 3]
+    assert [row["step"] for row in log(tmp_path / "two") if "step" in row] == [1, 2, 3, 4]
 
 
 def test_micro_batch_budget_does_not_change_the_update(one_process, toy_data, tmp_path):
@@ -93,8 +98,8 @@ def test_lima_defaults_and_fp32_master_weights_under_bf16(toy_data, tmp_path, re
                   "--dev_samples", "0")
     config = log(out)[0]
     assert log(out)[0]["compute_dtype"] == "bfloat16"
-    assert {k: config["config"][k] for k in ("epochs", "lr", "min_lr", "batch_size", "dropout", "parallel", "act_ckpt")} == \
-        dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=64, dropout=0.2, parallel="fsdp", act_ckpt=1)
+    assert {k: config["config"][k] for k in ("epochs", "lr", "min_lr", "batch_size", "dropout", "act_ckpt")} == \
+        dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=64, dropout=0.2, act_ckpt=1)
     assert log(out)[1]["lr"] == 1e-5
     after = state(out)
     start = torch.load(init / "consolidated.00.pth", weights_only=True)
@@ -198,13 +203,31 @@ def test_bad_flag_values(toy_data, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-def test_dev_samples_in_lockstep_across_ranks(toy_data, tmp_path):
-    """Two FSDP ranks share 3 dev prompts unequally (2 and 1): the rank done first keeps joining the other's
-    weight gathers, and rank 0 writes every answer in prompt order."""
-    flags = [*SMALL[:-2], "--parallel", "fsdp", "--epochs", "1", "--batch_size", "16", "--save_epochs", "1",
+SPY = """import runpy, sys
+sys.path.insert(0, ".")  # the repository, where train.py runs
+import model
+seen, rope = set(), model.apply_rope
+def spy(x, cos, sin):
+    seen.add((str(x.dtype), str(cos.dtype), str(sin.dtype)))
+    return rope(x, cos, sin)
+model.apply_rope = spy
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+print("rope dtypes (x, cos, sin):", sorted(seen))
+"""
+
+
+def test_dev_samples_in_lockstep_across_ranks_and_rope_in_float32(toy_data, tmp_path):
+    """Two FSDP ranks computing in bf16 share 3 dev prompts unequally (2 and 1): the rank done first keeps joining
+    the other's weight gathers, and rank 0 writes every answer in prompt order. In training and sampling, every
+    block rotates its bf16 queries and keys with float32 RoPE tables (FSDP2 casts no block inputs), as sample.py."""
+    (tmp_path / "spy.py").write_text(SPY)
+    flags = [*SMALL[:-2], "--epochs", "1", "--batch_size", "16", "--save_epochs", "1", "--dtype", "bfloat16",
              "--dev_samples", "3", "--max_new_tokens", "12"]
-    trained(toy_data[0], tmp_path, *flags, nproc=2)
-    rows = [json.loads(line) for line in (tmp_path / "epoch_01" / "samples.jsonl").read_text().splitlines()]
+    r = train(toy_data[0], tmp_path / "out", *flags, nproc=2, script=tmp_path / "spy.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("rope dtypes (x, cos, sin): [('torch.bfloat16', 'torch.float32', 'torch.float32')]") == 2
+    rows = [json.loads(line) for line in (tmp_path / "out" / "epoch_01" / "samples.jsonl").read_text().splitlines()]
     dev = torch.load(toy_data[0] / "dev.pt", weights_only=True)["conversations"]
     assert [r["prompt"] for r in rows] == [c[0] for c in dev[:3]]
     assert all(isinstance(r["response"], str) and r["epoch"] == 1 for r in rows)

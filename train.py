@@ -7,11 +7,12 @@ Fine-tune LLaMA on LIMA's dialogues with the plain next-token loss (Zhou et al.,
         train.py --size 65B --init llama/65B --data data/lima
 
 Master weights and AdamW state stay in float32 (LIMA's 1e-6 updates vanish in bf16 weights); on CUDA the
-arithmetic runs in bf16. 7B and up shard parameters, gradients and optimizer state with FSDP2, one unit per block.
+arithmetic runs in bf16. Under torchrun FSDP2 shards weights, gradients and AdamW state, one unit per block.
 """
 import argparse, functools, hashlib, json, math, os, shutil, sys, time, warnings
 from contextlib import nullcontext
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -21,7 +22,6 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -42,22 +42,23 @@ p.add_argument("--beta1", type=float, default=0.9)
 p.add_argument("--beta2", type=float, default=0.95)
 p.add_argument("--max_len", type=int, default=2048, help="trim dialogues to this many tokens")
 p.add_argument("--tokens_per_micro", type=int, default=2048, help="tokens (padding included) per forward pass")
-p.add_argument("--parallel", choices=["ddp", "fsdp"], help="default: ddp for tiny, fsdp for 7B and up")
 p.add_argument("--act_ckpt", type=int, choices=[0, 1], help="recompute activations in backward; default: 1 for 7B+")
 p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype; default: bfloat16 on CUDA")
 p.add_argument("--dev_samples", type=int, default=50, help="dev prompts answered at each saved epoch")
-p.add_argument("--max_new_tokens", type=int, help="per sampled answer; LIMA: 2048")
+p.add_argument("--max_new_tokens", type=int, help="per dev answer; LIMA: 2048, here a preview of 128")
 p.add_argument("--save_epochs", default="5-10", help='"5-10" (LIMA\'s choice), "all" or "1,3,7"; last always')
 p.add_argument("--resume", action="store_true", help="continue from OUT/resume/")
 p.add_argument("--seed", type=int, default=1337)
+p.add_argument("--peak_flops", type=float, help="a GPU's dense bf16 FLOP/s for the MFU; default: known GPUs'")
 p.add_argument("--steps", type=int, help="stop (resumably) after this many optimizer steps in total")
 for k in ("dim", "n_layers", "n_heads"):
     p.add_argument(f"--{k}", type=int, help="tiny only: the model's shape")
 args = p.parse_args()
 
 # LIMA §3 by default; tiny learns from scratch on a CPU in minutes, so it takes far larger steps
-LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=32, dropout=0.3, parallel="fsdp", act_ckpt=1, max_new_tokens=2048)
-SIZES = {"tiny": dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, parallel="ddp", act_ckpt=0,
+# (dev answers sampled while training are a 128-token preview: the README has the cost of LIMA's 2,048)
+LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=32, dropout=0.3, act_ckpt=1, max_new_tokens=128)
+SIZES = {"tiny": dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, act_ckpt=0,
                       max_new_tokens=256),
          "7B": dict(batch_size=64, dropout=0.2)}  # "64 for smaller models"
 for k, v in {**LIMA, **SIZES.get(args.size, {})}.items():
@@ -88,11 +89,11 @@ master = rank == 0
 device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
 if device.type == "cuda":
     torch.cuda.set_device(device)
-if distributed:
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+if distributed:  # the others wait in a collective while rank 0 alone reads 65B's 130 GB (45 min at 50 MB/s)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                            device_id=device if device.type == "cuda" else None)  # NCCL binds to the GPU now
 bf16 = (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16"  # bf16 on a CPU is slow
 autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-fsdp, ddp = distributed and args.parallel == "fsdp", distributed and args.parallel == "ddp"
 out = Path(args.out)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process: that is the intent
 
@@ -148,8 +149,10 @@ with torch.device("meta"):
 if args.act_ckpt:  # keep only each block's input; recompute the rest in the backward pass
     for block in model.layers:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-if fsdp:  # one all-gather/reduce-scatter unit per block; bf16 on the wire and in the matmuls, fp32 reductions
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+if distributed:  # one all-gather/reduce-scatter unit per block, bf16 on the wire and in matmuls, fp32 sums;
+    # inputs uncast: RoPE's tables stay float32 as in sample.py (the hidden state is bf16 from the embedding)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -157,15 +160,13 @@ model.to_empty(device=device)  # float32: the master weights
 set_model_state_dict(model, src.state_dict() if master else {},
                      options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
 del src
-raw = model  # the bare Transformer (FSDP2 shards it in place; DDP wraps it)
-if ddp:
-    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-# AdamW; weight decay on matrices and embeddings, not on the norms' gains
-params = [q for q in raw.parameters() if q.requires_grad]
+# AdamW; weight decay on matrices and embeddings, not on the norms' gains. Fused on CUDA, since the default
+# (foreach) allocates a float32 temporary the size of the local shard in step(): 65 GB a GPU at 65B on 16 GPUs
+params = [q for q in model.parameters() if q.requires_grad]
 optimizer = torch.optim.AdamW([{"params": [q for q in params if q.dim() >= 2], "weight_decay": args.weight_decay},
                                {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}],
-                              lr=args.lr, betas=(args.beta1, args.beta2))
+                              lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
 steps_per_epoch = math.ceil(len(train["ids"]) / args.batch_size)
 total_steps = args.epochs * steps_per_epoch
 
@@ -218,27 +219,28 @@ def evaluate():
 def save_epoch(epoch, dev_loss):
     """OUT/epoch_NN/ in Meta's layout (bf16), loadable by Transformer.from_pretrained and sample.py, with LIMA-sampled
     answers to the dev prompts: what LIMA chose its checkpoint from (§3)."""
-    raw.eval()
+    model.eval()
     n = min(args.dev_samples, len(dev["ids"]))
     convs = dev["conversations"][rank:n:world]  # each rank answers its share of the prompts
     prompts = [tokenizer.encode_dialogue(c[:1])[0] for c in convs]
     answers = [[] for _ in prompts]
     if prompts:  # a bf16 cache under bf16 compute: 65B's float32 cache would take 5 MB a token
-        raw.setup_cache(len(prompts), min(raw.args.max_seq_len, max(map(len, prompts)) + args.max_new_tokens),
-                        dtype=torch.bfloat16 if bf16 else None)
+        length = min(model.args.max_seq_len, max(map(len, prompts)) + args.max_new_tokens)
+        model.setup_cache(len(prompts), length, dtype=torch.bfloat16 if bf16 else None)
     g = torch.Generator(device).manual_seed(args.seed + epoch * world + rank)
-    steps = generate(raw, prompts, tokenizer.eot_id, args.max_new_tokens, generator=g) if prompts else iter(())
+    steps = iter(()) if not prompts else generate(model, prompts, tokenizer.eot_id, args.max_new_tokens,
+                                                  generator=g)
     with autocast:
         while True:  # one forward per rank per turn, in lockstep: FSDP gathers each block's weights collectively
             nxt = next(steps, None)  # runs a forward unless this rank's answers are complete
             if nxt is None:
-                raw(torch.zeros(1, 1, dtype=torch.long, device=device))  # join the others' gathers
+                model(torch.zeros(1, 1, dtype=torch.long, device=device))  # join the others' gathers
             else:
                 for a, t in zip(answers, nxt.tolist()):
                     a.append(t)
             if all_sum(nxt is not None)[0] == 0:
                 break
-    raw.clear_cache()
+    model.clear_cache()
     eot = tokenizer.eot_id
     rows = [{"prompt": c[0], "response": tokenizer.decode(a[: a.index(eot)] if eot in a else a), "ended": eot in a}
             for c, a in zip(convs, answers)]
@@ -246,7 +248,7 @@ def save_epoch(epoch, dev_loss):
         shares = [None] * world if master else None
         dist.gather_object(rows, shares, dst=0)
         rows = [shares[k % world][k // world] for k in range(n)] if master else rows
-    raw.train()
+    model.train()
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not master:
         return
@@ -256,7 +258,7 @@ def save_epoch(epoch, dev_loss):
     for k in state:  # one tensor at a time: never a float32 and a bf16 copy of the whole model at once
         state[k] = state[k].to(torch.bfloat16)
     torch.save(state, tmp / "consolidated.00.pth")
-    (tmp / "params.json").write_text(json.dumps(asdict(raw.args), indent=2))
+    (tmp / "params.json").write_text(json.dumps(asdict(model.args), indent=2))
     shutil.copy(data / "tokenizer.model", tmp / "tokenizer.model")
     (tmp / "samples.jsonl").write_text("".join(json.dumps({"epoch": epoch, "dev_loss": dev_loss, **r}) + "\n" for r in rows))
     shutil.rmtree(final, ignore_errors=True)
@@ -279,9 +281,14 @@ if master:  # OUT/log.jsonl: one JSON object a line, the settings first with LIM
 
 # -----------------------------------------------------------------------------
 end = min(total_steps, args.steps or total_steps)
-n_params = sum(q.numel() for q in params)
-peak = next((f for name, f in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.items()
-             if device.type == "cuda" and name in torch.cuda.get_device_name()), None)  # dense bf16 FLOP/s
+# MFU: per token of a T-token dialogue, 6 FLOPs per matmul weight (forward and backward) and 12 * layers * dim
+# * T for attention's scores and sums (PaLM, Chowdhery et al., 2022, app. B), against the GPUs' bf16 peak
+n_matmul = sum(q.numel() for q in params) - model.tok_embeddings.weight.numel()  # a lookup, not a matmul
+peak = args.peak_flops or {  # torch.cuda.get_device_name(): SXM, PCIe and NVL parts differ
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+}.get(torch.cuda.get_device_name() if device.type == "cuda" else None)
 bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not master, desc="train")
 model.train()
 for step in bar:
@@ -293,27 +300,27 @@ for step in bar:
     for group in optimizer.param_groups:
         group["lr"] = lr
     # the loss is summed over supervised tokens and divided by their count in the whole global batch, so the update
-    # does not depend on world size or micro-batching; x world because DDP and FSDP average gradients over ranks
+    # does not depend on world size or micro-batching; x world because FSDP averages gradients over ranks
     n_target = sum(int(train["mask"][i][1:].sum()) for i in batch)
     torch.manual_seed(args.seed + step * world + rank)  # dropout masks: a resumed run draws the same
     micros, loss_sum, pad = plan(train, batch), torch.zeros((), device=device), 0
-    for j, micro in enumerate(micros):
-        # DDP: all-reduce once, after the last micro-batch (FSDP reduce-scatters each, to keep gradients sharded)
-        with model.no_sync() if ddp and j < len(micros) - 1 else nullcontext():
-            loss, padded = micro_loss(train, micro)
-            (loss * world / n_target).backward()
+    for micro in micros:  # FSDP reduce-scatters each micro-batch's gradients: they stay sharded
+        loss, padded = micro_loss(train, micro)
+        (loss * world / n_target).backward()
         loss_sum, pad = loss_sum + loss.detach(), pad + padded  # no host sync per micro-batch
     loss_sum, pad = all_sum(loss_sum.item(), pad)
     if not math.isfinite(loss_sum):
         fail(f"non-finite loss at step {step + 1} (epoch {epoch + 1}); the checkpoints in {out} are from before it")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(len(train["ids"][i]) - 1 for i in batch)
-    tps = tokens / (time.time() - t0)
+    lengths = [len(train["ids"][i]) - 1 for i in batch]
+    tokens, seconds = sum(lengths), time.time() - t0
+    tps = tokens / seconds
     log = dict(step=step + 1, epoch=epoch + 1, loss=loss_sum / n_target, lr=lr, tokens=tokens,
                pad=pad / (pad + tokens), tokens_per_s=round(tps))
     if peak:
-        log["mfu"] = 6 * n_params * tps / (peak * world)  # 6 FLOPs per parameter per token, forward and backward
+        flops = sum(6 * n_matmul * t + 12 * model.args.n_layers * model.args.dim * t * t for t in lengths)
+        log["mfu"] = flops / (seconds * peak * world)
     if master:
         bar.set_postfix(loss=f"{log['loss']:.3f}", lr=f"{log['lr']:.1e}", tok_s=log["tokens_per_s"],
                         **({"mfu": f"{log['mfu']:.0%}"} if peak else {}))
