@@ -1,5 +1,6 @@
 """train.py: identical updates for any world size and micro-batching, the LIMA recipe's settings, fp32 master
 weights, epoch checkpoints that load, exact resume, and refusals. Float32, tiny models, CPU (gloo)."""
+import functools
 import json
 import shutil
 import socket
@@ -8,7 +9,12 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from torch.utils.checkpoint import checkpoint
 
 from conftest import ROOT
 from model import ModelArgs, Transformer
@@ -71,6 +77,58 @@ def test_fsdp_processes_equal_one_and_resume_on_more(one_process, toy_data, tmp_
     assert rel_diff(state(tmp_path / "two")["model"], state(tmp_path / "one")["model"]) <= 1e-5
     assert [row["world_size"] for row in log(tmp_path / "two") if "config" in row] == [2, 3]
     assert [row["step"] for row in log(tmp_path / "two") if "step" in row] == [1, 2, 3, 4]
+
+
+def test_mfu_counts_attention(one_process, toy_data):
+    """With --peak_flops, MFU = FLOPs / (seconds * peak * ranks): per token 6 per matmul weight, plus attention's
+    12 * layers * dim * T for a dialogue of T tokens, so between the shortest and the longest dialogue's count."""
+    rows = [row for row in log(one_process["out"]) if "step" in row]
+    lengths = [len(ids) - 1 for ids in torch.load(toy_data[0] / "train.pt", weights_only=True)["ids"]]
+    model = Transformer(ModelArgs.from_size("tiny", vocab_size=97, dim=64, n_layers=2, n_heads=2))
+    matmul = sum(q.numel() for q in model.parameters()) - model.tok_embeddings.weight.numel()  # a lookup: no FLOPs
+    layers, dim = 2, 64
+    for row in rows:
+        per_token = row["mfu"] * 1e9 * row["tokens"] / row["tokens_per_s"] / row["tokens"]
+        assert 6 * matmul + 12 * layers * dim * min(lengths) < per_token * (1 - 1e-3)
+        assert per_token * (1 + 1e-3) < 6 * matmul + 12 * layers * dim * max(lengths)
+
+
+def peak_memory_per_rank(world, args):
+    """Peak bytes of one rank over a training step (the second: AdamW's state exists), train.py's FSDP2 wrapping
+    with recomputation, on a simulated process group of `world` ranks."""
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    try:
+        with torch.device("meta"):
+            model = Transformer(args)
+        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for block in model.layers:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        model.to_empty(device="cpu")
+        optimizer = torch.optim.AdamW(model.parameters())
+        tracker = FSDPMemTracker(model, optimizer)
+        with tracker:
+            for _ in range(2):
+                tracker.reset_mod_stats()
+                model(torch.zeros(1, 128, dtype=torch.long)).float().sum().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_memory_per_rank_falls_as_planned():
+    """The README's plan: a rank holds 16 bytes per parameter / world (float32 weights, gradients, AdamW's two
+    moments) plus what world does not shrink (gathered blocks, activations, logits). So peak(1) - peak(2) is twice
+    peak(2) - peak(4) (to 3%), and 2 * (peak(1) - peak(2)) is 16 bytes per parameter, less at most one block's
+    gradients, still unreduced at the peak."""
+    args = ModelArgs(dim=128, n_layers=8, n_heads=4, vocab_size=97, max_seq_len=128)
+    n = sum(q.numel() for q in Transformer(args).parameters())
+    p1, p2, p4 = (peak_memory_per_rank(world, args) for world in (1, 2, 4))
+    assert abs((p1 - p2) / (p2 - p4) - 2) < 0.06
+    assert 16 * n * (1 - 1 / args.n_layers) < 2 * (p1 - p2) <= 16 * n
 
 
 def test_micro_batch_budget_does_not_change_the_update(one_process, toy_data, tmp_path):
