@@ -90,6 +90,7 @@ device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is
 if device.type == "cuda":
     torch.cuda.set_device(device)
 if distributed:  # the others wait in a collective while rank 0 alone reads 65B's 130 GB (45 min at 50 MB/s)
+    # or writes an epoch: NCCL's default timeout, 10 minutes, would end the run
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
                             device_id=device if device.type == "cuda" else None)  # NCCL binds to the GPU now
 bf16 = (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16"  # bf16 on a CPU is slow
@@ -149,8 +150,8 @@ with torch.device("meta"):
 if args.act_ckpt:  # keep only each block's input; recompute the rest in the backward pass
     for block in model.layers:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-if distributed:  # one all-gather/reduce-scatter unit per block, bf16 on the wire and in matmuls, fp32 sums;
-    # inputs uncast: RoPE's tables stay float32 as in sample.py (the hidden state is bf16 from the embedding)
+if distributed:  # one unit per block: bf16 gathers and matmuls, fp32 gradient reductions; inputs not cast:
+    # RoPE's tables stay float32 as in sample.py (the hidden state is bf16 from the embedding on)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
     for block in model.layers:
@@ -162,7 +163,7 @@ set_model_state_dict(model, src.state_dict() if master else {},
 del src
 
 # AdamW; weight decay on matrices and embeddings, not on the norms' gains. Fused on CUDA, since the default
-# (foreach) allocates a float32 temporary the size of the local shard in step(): 65 GB a GPU at 65B on 16 GPUs
+# (foreach) allocates a float32 temporary the size of the local shard in step(): 16 GB a GPU, 65B on 16 GPUs
 params = [q for q in model.parameters() if q.requires_grad]
 optimizer = torch.optim.AdamW([{"params": [q for q in params if q.dim() >= 2], "weight_decay": args.weight_decay},
                                {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}],
@@ -228,8 +229,8 @@ def save_epoch(epoch, dev_loss):
         length = min(model.args.max_seq_len, max(map(len, prompts)) + args.max_new_tokens)
         model.setup_cache(len(prompts), length, dtype=torch.bfloat16 if bf16 else None)
     g = torch.Generator(device).manual_seed(args.seed + epoch * world + rank)
-    steps = iter(()) if not prompts else generate(model, prompts, tokenizer.eot_id, args.max_new_tokens,
-                                                  generator=g)
+    eot = tokenizer.eot_id
+    steps = generate(model, prompts, eot, args.max_new_tokens, generator=g) if prompts else iter(())
     with autocast:
         while True:  # one forward per rank per turn, in lockstep: FSDP gathers each block's weights collectively
             nxt = next(steps, None)  # runs a forward unless this rank's answers are complete
@@ -241,7 +242,6 @@ def save_epoch(epoch, dev_loss):
             if all_sum(nxt is not None)[0] == 0:
                 break
     model.clear_cache()
-    eot = tokenizer.eot_id
     rows = [{"prompt": c[0], "response": tokenizer.decode(a[: a.index(eot)] if eot in a else a), "ended": eot in a}
             for c, a in zip(convs, answers)]
     if distributed:  # back in prompt order on rank 0: prompt k was rank k % world's (k // world)-th
@@ -284,11 +284,10 @@ end = min(total_steps, args.steps or total_steps)
 # MFU: per token of a T-token dialogue, 6 FLOPs per matmul weight (forward and backward) and 12 * layers * dim
 # * T for attention's scores and sums (PaLM, Chowdhery et al., 2022, app. B), against the GPUs' bf16 peak
 n_matmul = sum(q.numel() for q in params) - model.tok_embeddings.weight.numel()  # a lookup, not a matmul
-peak = args.peak_flops or {  # torch.cuda.get_device_name(): SXM, PCIe and NVL parts differ
-    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
-}.get(torch.cuda.get_device_name() if device.type == "cuda" else None)
+gpu = torch.cuda.get_device_name() if device.type == "cuda" else ""  # H100 SXM, PCIe, NVL differ; A100s don't
+peak = args.peak_flops or {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
+                           "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
+                           }.get(gpu, 312e12 if "A100" in gpu else None)
 bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not master, desc="train")
 model.train()
 for step in bar:
@@ -315,9 +314,8 @@ for step in bar:
     optimizer.zero_grad(set_to_none=True)
     lengths = [len(train["ids"][i]) - 1 for i in batch]
     tokens, seconds = sum(lengths), time.time() - t0
-    tps = tokens / seconds
     log = dict(step=step + 1, epoch=epoch + 1, loss=loss_sum / n_target, lr=lr, tokens=tokens,
-               pad=pad / (pad + tokens), tokens_per_s=round(tps))
+               pad=pad / (pad + tokens), tokens_per_s=round(tokens / seconds))
     if peak:
         flops = sum(6 * n_matmul * t + 12 * model.args.n_layers * model.args.dim * t * t for t in lengths)
         log["mfu"] = flops / (seconds * peak * world)
