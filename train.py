@@ -56,7 +56,6 @@ for k in ("dim", "n_layers", "n_heads"):
 args = p.parse_args()
 
 # LIMA §3 by default; tiny learns from scratch on a CPU in minutes, so it takes far larger steps
-# (dev answers sampled while training are a 128-token preview: the README has the cost of LIMA's 2,048)
 LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=32, dropout=0.3, act_ckpt=1, max_new_tokens=128)
 SIZES = {"tiny": dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, act_ckpt=0,
                       max_new_tokens=256),
@@ -89,8 +88,7 @@ master = rank == 0
 device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
 if device.type == "cuda":
     torch.cuda.set_device(device)
-if distributed:  # the others wait in a collective while rank 0 alone reads 65B's 130 GB (45 min at 50 MB/s)
-    # or writes an epoch: NCCL's default timeout, 10 minutes, would end the run
+if distributed:  # 1 h, not NCCL's 10 min: the others wait while rank 0 alone reads 65B's 130 GB or saves
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
                             device_id=device if device.type == "cuda" else None)  # NCCL binds to the GPU now
 bf16 = (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16"  # bf16 on a CPU is slow
@@ -281,8 +279,7 @@ if master:  # OUT/log.jsonl: one JSON object a line, the settings first with LIM
 
 # -----------------------------------------------------------------------------
 end = min(total_steps, args.steps or total_steps)
-# MFU: per token of a T-token dialogue, 6 FLOPs per matmul weight (forward and backward) and 12 * layers * dim
-# * T for attention's scores and sums (PaLM, Chowdhery et al., 2022, app. B), against the GPUs' bf16 peak
+# MFU per token: 6 FLOPs a matmul weight + 12 * layers * dim * T in attention over T tokens (PaLM, app. B)
 n_matmul = sum(q.numel() for q in params) - model.tok_embeddings.weight.numel()  # a lookup, not a matmul
 gpu = torch.cuda.get_device_name() if device.type == "cuda" else ""  # H100 SXM, PCIe, NVL differ; A100s don't
 peak = args.peak_flops or {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
