@@ -137,11 +137,11 @@ for path in (A, B):
     for r in rows:
         answers[-1].setdefault(r["prompt"], r["response"])  # a prompt answered twice: its first answer
 shared = [p for p in answers[0] if p in answers[1]]
+if not shared:
+    sys.exit(f"error: {A} and {B} answer no prompt in common")
 for path, mine in zip((A, B), answers):
     if len(mine) > len(shared):
         print(f"{path}: {len(mine) - len(shared)} prompts not in the other file, skipped", file=sys.stderr)
-if not shared:
-    sys.exit(f"error: {A} and {B} answer no prompt in common")
 out = Path(args.out)
 annotator = args.annotator or args.judge_model or getpass.getuser()
 past = [j for j in (read_jsonl(out, is_judgment, JUDGMENT) if out.exists() else [])
@@ -163,8 +163,8 @@ if args.judge:
                    "asked, is it correct, helpful and well written); the order in which they appear means "
                    "nothing.\n\n[Question]\n{}\n\n[Answer 1]\n{}\n\n[Answer 2]\n{}\n\n[End]\nCompare the two "
                    "answers, then end with one line that is exactly one of:\nVerdict: 1\nVerdict: 2\n"
-                   "Verdict: neither\n(1 or 2: that answer is significantly better; neither: neither answer "
-                   "is significantly better than the other)")
+                   "Verdict: neither\n(1 or 2: that answer is significantly better; neither: neither is "
+                   "significantly better than the other)")
 
 
 def ask_judge(prompt, shown):
