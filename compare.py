@@ -200,7 +200,7 @@ def read_key():
         fd = sys.stdin.fileno()
         old = termios.tcgetattr(fd)
         try:
-            tty.setcbreak(fd)  # keys without Enter; Ctrl-C still interrupts
+            tty.setcbreak(fd, termios.TCSANOW)  # keys without Enter, typed-ahead keys kept; Ctrl-C works
             key = sys.stdin.read(1)
         finally:
             termios.tcsetattr(fd, termios.TCSADRAIN, old)

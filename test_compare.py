@@ -1,5 +1,6 @@
-"""compare.py: blind annotation, resume, a judge model over HTTP (a loopback stub), and the report's arithmetic."""
+"""compare.py: blind annotation, resume, a judge model over HTTP (a loopback stub), the report's numbers."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,8 +23,9 @@ def compare(*args, cwd, input="", env=None):
 def write_answers(path, responses, prompts=None):
     """sample.py --prompts' output layout."""
     prompts = prompts or [f"prompt {i}" for i in range(len(responses))]
-    path.write_text("".join(json.dumps({"prompt": p, "response": r, "tokens": 3, "stopped_at_eot": True}) + "\n"
-                            for p, r in zip(prompts, responses)))
+    rows = [{"prompt": p, "response": r, "tokens": 3, "stopped_at_eot": True}
+            for p, r in zip(prompts, responses)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path.name
 
 
@@ -46,7 +48,8 @@ def test_order_is_balanced_and_label_maps_back_to_the_shown_file(tmp_path, key):
     n = 200
     a = write_answers(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(n)])
     b = write_answers(tmp_path / "b.jsonl", [f"beta {i}" for i in range(n)])
-    r = compare(a, b, "--out", "j.jsonl", "--seed", 0, "--annotator", "ana", input=f"{key}\n" * n, cwd=tmp_path)
+    r = compare(a, b, "--out", "j.jsonl", "--seed", 0, "--annotator", "ana", input=f"{key}\n" * n,
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     js = judgments(tmp_path / "j.jsonl")
     assert [j["prompt"] for j in js] == [f"prompt {i}" for i in range(n)]
@@ -64,7 +67,8 @@ def test_order_is_balanced_and_label_maps_back_to_the_shown_file(tmp_path, key):
 def test_keys_and_resume_after_quit_and_end_of_input(tmp_path):
     a = write_answers(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(10)])
     b = write_answers(tmp_path / "b.jsonl", [f"beta {i}" for i in range(10)])
-    run = lambda keys, who="ana": compare(a, b, "--out", "j.jsonl", "--annotator", who, input=keys, cwd=tmp_path)
+    run = lambda keys, who="ana": compare(a, b, "--out", "j.jsonl", "--annotator", who, input=keys,
+                                          cwd=tmp_path)
     r = run("1\nx\nt\nq\n2\n")  # 'x' is asked again, 'q' stops: two judged, the '2' after it is never read
     assert r.returncode == 0 and "[3/10]" in r.stdout and "[4/10]" not in r.stdout
     js = judgments(tmp_path / "j.jsonl")
@@ -80,13 +84,35 @@ def test_keys_and_resume_after_quit_and_end_of_input(tmp_path):
     assert "0 judged before, 10 to go" in run("", who="bob").stdout  # resume is per annotator
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_single_key_presses_at_a_terminal(tmp_path):
+    import pty
+
+    a = write_answers(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(3)])
+    b = write_answers(tmp_path / "b.jsonl", [f"beta {i}" for i in range(3)])
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, str(ROOT / "compare.py"), a, b, "--out", "j.jsonl"], cwd=tmp_path,
+                         stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    for key in "t2q":  # no Enter: each key press is the answer
+        seen = ""
+        while not seen.endswith("q: quit > "):
+            seen += p.stdout.read(1) or pytest.fail(f"compare.py ended early: {p.communicate()}")
+        os.write(master, key.encode())
+    p.communicate(timeout=20)
+    os.close(master)
+    js = judgments(tmp_path / "j.jsonl")
+    assert p.returncode == 0 and [j["label"] for j in js] == ["tie", {"A": "B", "B": "A"}[js[1]["first"]]]
+
+
 def test_resume_after_the_process_is_killed(tmp_path):
     n, k = 12, 5
     a = write_answers(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(n)])
     b = write_answers(tmp_path / "b.jsonl", [f"beta {i}" for i in range(n)])
     out = tmp_path / "j.jsonl"
     p = subprocess.Popen([sys.executable, str(ROOT / "compare.py"), a, b, "--out", out.name], cwd=tmp_path,
-                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         text=True)
     p.stdin.write("t\n" * k)
     p.stdin.flush()  # stdin stays open: the process waits for judgment k + 1
     deadline = time.time() + 20
@@ -125,9 +151,11 @@ class Judge(BaseHTTPRequestHandler):
             "Verdict: 2" if MARK in two and MARK not in one else "Verdict: neither"
         if Judge.mode == "garbage":
             verdict = Judge.garbage[len(Judge.requests) % 3]
-        if Judge.mode == "garbage_once" and sum(text == t["messages"][0]["content"] for _, _, t in Judge.requests) == 1:
+        asked = sum(text == t["messages"][0]["content"] for _, _, t in Judge.requests)
+        if Judge.mode == "garbage_once" and asked == 1:
             verdict = "I prefer the first one."
-        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"Both fine.\n**{verdict}**"}}]})
+        message = {"role": "assistant", "content": f"Both fine.\n**{verdict}**"}
+        reply = json.dumps({"choices": [{"message": message}]})
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -184,19 +212,20 @@ def test_judge_unparseable_verdicts_are_recorded_and_retried_twice_never_guessed
     Judge.mode = "garbage"
     assert run().returncode == 0
     js = judgments(tmp_path / "j.jsonl")
-    assert [j["label"] for j in js] == ["unparsed"] * 12 and len(Judge.requests) == 12  # 1 try + 2 retries each
+    assert [j["label"] for j in js] == ["unparsed"] * 12 and len(Judge.requests) == 12  # 1 + 2 retries each
     assert {j["reply"].splitlines()[-1] for j in js} == {f"**{g}**" for g in Judge.garbage}
     assert "4 judged before, 0 to go" in run().stdout and len(Judge.requests) == 12  # not asked again
     Judge.mode, Judge.requests = "garbage_once", []
     (tmp_path / "j.jsonl").unlink()
     assert run().returncode == 0
     js = judgments(tmp_path / "j.jsonl")
-    assert [j["label"] for j in js[::2]] == ["unparsed"] * 4  # the first reply for each item, then the verdict
-    truth = ["A", "B", "tie", "A"]
-    assert [j["label"] for j in js[1::2]] == truth and [j["prompt"] for j in js[1::2]] == [j["prompt"] for j in js[::2]]
+    assert [j["label"] for j in js[::2]] == ["unparsed"] * 4  # each item's first reply, then its verdict
+    assert [j["label"] for j in js[1::2]] == ["A", "B", "tie", "A"]
+    assert [j["prompt"] for j in js[1::2]] == [j["prompt"] for j in js[::2]] == [f"prompt {i}" for i in "0123"]
 
 
-@pytest.mark.parametrize("mode, message", [("500", "HTTP 500 Internal Server Error"), ("slow", "no reply within --timeout 0.3 s")])
+@pytest.mark.parametrize("mode, message", [("500", "HTTP 500 Internal Server Error"),
+                                           ("slow", "no reply within --timeout 0.3 s")])
 def test_judge_http_error_and_timeout_stop_with_one_line_and_resume(tmp_path, judge, mode, message):
     a, b = judge_files(tmp_path, n=6)
     run = lambda: compare(a, b, "--out", "j.jsonl", "--judge", judge, "--judge_model", "m", "--timeout", 0.3,
@@ -256,8 +285,8 @@ def test_report_arithmetic_on_a_hand_made_file(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "error: b.jsonl: no such file"),
-    ('{"prompt": "p", "response": "r"}\n{"prompt": "q", "resp', "error: b.jsonl:2: expected a JSON object with "
-     '"prompt" and "response" strings'),
+    ('{"prompt": "p", "response": "r"}\n{"prompt": "q", "resp',
+     'error: b.jsonl:2: expected a JSON object with "prompt" and "response" strings'),
     ('{"prompt": "p", "response": "r"}\n\n{"prompt": "q"}\n', "error: b.jsonl:2: expected"),
     ('{"prompt": "p", "response": "r"}\n{"prompt": "q", "response": null}\n', "error: b.jsonl:2: expected"),
     ('{"prompt": "elsewhere", "response": "r"}\n', "error: a.jsonl and b.jsonl answer no prompt in common"),
@@ -272,11 +301,12 @@ def test_bad_answer_file(tmp_path, content, message):
     assert not (tmp_path / "j.jsonl").exists()
 
 
-@pytest.mark.parametrize("line", ['{"a": "x"}', "not json", '{"a": "x", "b": "y", "annotator": "ana", "prompt": '
-                                  '"p", "first": "A", "label": "better"}'])
+@pytest.mark.parametrize("line", ['{"a": "x"}', "not json",
+                                  '{"a": "x", "b": "y", "annotator": "ana", "prompt": "p", "first": "A", '
+                                  '"label": "better"}'])
 def test_bad_judgments_file(tmp_path, line):
     good = json.dumps({"a": "x", "b": "y", "annotator": "ana", "prompt": "p", "first": "A", "label": "A"})
     (tmp_path / "j.jsonl").write_text(f"{good}\n{line}\n")
     r = compare("--report", "j.jsonl", cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.startswith("error: j.jsonl:2: expected a judgment") and "Traceback" \
-        not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 1 and r.stderr.startswith("error: j.jsonl:2: expected a judgment")
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
