@@ -43,6 +43,7 @@ if args.timeout <= 0 or args.bootstrap < 2:
     sys.exit("error: --timeout must be > 0 and --bootstrap >= 2")
 LABELS = ("A", "B", "tie", "skip", "unparsed")  # the file judged better, neither, or no judgment
 TRIES = 3  # a judge's unparseable verdict is retried at most twice, never guessed
+STATS = ("a_better", "tie", "b_better", "a_as_good_or_better")
 
 
 def read_jsonl(path, valid, what):
@@ -118,12 +119,11 @@ if args.report:
         bias = first_won / len(decided) if decided else None
         if decided:  # an annotator without position bias prefers the first-shown answer half the time
             print(f"  position bias: the answer shown first won {first_won} of {len(decided)} ({bias:.1%})")
-        summaries.append({"a": a, "b": b, "n": n, **{k: round(p, 4) for k, p in
-                   zip(("a_better", "tie", "b_better", "a_as_good_or_better"), point)},
-                   "ci95": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in
-                            zip(("a_better", "tie", "b_better", "a_as_good_or_better"), ci)},
-                   "annotators": {w: dict(c) for w, c in counts.items()}, "agreement": agreement,
-                   "first_won": first_won, "decided": len(decided), "position_bias": bias and round(bias, 4)})
+        summaries.append({"a": a, "b": b, "n": n, **{k: round(p, 4) for k, p in zip(STATS, point)},
+                          "ci95": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in zip(STATS, ci)},
+                          "annotators": {w: dict(c) for w, c in counts.items()}, "agreement": agreement,
+                          "first_won": first_won, "decided": len(decided),
+                          "position_bias": None if bias is None else round(bias, 4)})
     print("\n".join(json.dumps(s, ensure_ascii=False) for s in summaries))  # for scripts: one line per pair
     sys.exit(0)
 
@@ -217,10 +217,10 @@ try:
             first = rng.choice("AB")  # LIMA §4.1: the two answers in random order, drawn anew for every item
             shown = [answers[0][prompt], answers[1][prompt]][:: 1 if first == "A" else -1]
             progress = f"[{len(shared) - len(todo) + i + 1}/{len(shared)}]"
-            for attempt in range(TRIES - unparsed[prompt] if args.judge else 1):
+            for _ in range(TRIES - unparsed[prompt] if args.judge else 1):
                 if args.judge:
                     reply = ask_judge(prompt, shown)
-                    lines = [l.strip(" *`") for l in reply.strip().splitlines()] or [""]
+                    lines = [line.strip(" *`") for line in reply.strip().splitlines()] or [""]
                     m = re.fullmatch(r"verdict:\s*(1|2|neither)\.?", lines[-1], re.I)  # strict: never a guess
                     key = {"1": "1", "2": "2", "neither": "t"}[m.group(1).lower()] if m else None
                     extra = {"judge": args.judge_model, "reply": reply}

@@ -221,7 +221,8 @@ def test_judge_unparseable_verdicts_are_recorded_and_retried_twice_never_guessed
     js = judgments(tmp_path / "j.jsonl")
     assert [j["label"] for j in js[::2]] == ["unparsed"] * 4  # each item's first reply, then its verdict
     assert [j["label"] for j in js[1::2]] == ["A", "B", "tie", "A"]
-    assert [j["prompt"] for j in js[1::2]] == [j["prompt"] for j in js[::2]] == [f"prompt {i}" for i in "0123"]
+    prompts = [f"prompt {i}" for i in range(4)]
+    assert [j["prompt"] for j in js[1::2]] == [j["prompt"] for j in js[::2]] == prompts
 
 
 @pytest.mark.parametrize("mode, message", [("500", "HTTP 500 Internal Server Error"),
