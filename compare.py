@@ -41,7 +41,7 @@ if (args.judge is None) != (args.judge_model is None):
     parser.error("--judge URL and --judge_model NAME go together")
 if args.timeout <= 0 or args.bootstrap < 2:
     sys.exit("error: --timeout must be > 0 and --bootstrap >= 2")
-LABELS = ("A", "B", "tie", "skip", "unparsed")  # the file judged better, neither, or no judgment
+LABELS = ("A", "tie", "B", "skip", "unparsed")  # the file judged better, neither, or no judgment
 TRIES = 3  # a judge's unparseable verdict is retried at most twice, never guessed
 STATS = ("a_better", "tie", "b_better", "a_as_good_or_better")
 
