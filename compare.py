@@ -39,8 +39,11 @@ if args.report and args.answers or not args.report and (len(args.answers) != 2 o
     parser.error("give A.jsonl B.jsonl --out JUDGMENTS.jsonl, or --report JUDGMENTS.jsonl")
 if (args.judge is None) != (args.judge_model is None):
     parser.error("--judge URL and --judge_model NAME go together")
-if args.timeout <= 0 or args.bootstrap < 2:
-    sys.exit("error: --timeout must be > 0 and --bootstrap >= 2")
+if args.judge and not args.judge.startswith(("http://", "https://")):
+    parser.error(f"--judge must be an http:// or https:// URL, got {args.judge}")
+for ok, flag, want in [(args.timeout > 0, "timeout", "> 0"), (args.bootstrap >= 2, "bootstrap", ">= 2")]:
+    if not ok:
+        sys.exit(f"error: --{flag} must be {want}, got {getattr(args, flag)}")
 LABELS = ("A", "tie", "B", "skip", "unparsed")  # the file judged better, neither, or no judgment
 TRIES = 3  # a judge's unparseable verdict is retried at most twice, never guessed
 STATS = ("a_better", "tie", "b_better", "a_as_good_or_better")
@@ -143,6 +146,8 @@ for path, mine in zip((A, B), answers):
     if len(mine) > len(shared):
         print(f"{path}: {len(mine) - len(shared)} prompts not in the other file, skipped", file=sys.stderr)
 out = Path(args.out)
+if not out.parent.is_dir():
+    sys.exit(f"error: --out {out}: no directory {out.parent}")
 annotator = args.annotator or args.judge_model or getpass.getuser()
 past = [j for j in (read_jsonl(out, is_judgment, JUDGMENT) if out.exists() else [])
         if (j["a"], j["b"], j["annotator"]) == (A, B, annotator)]

@@ -311,3 +311,15 @@ def test_bad_judgments_file(tmp_path, line):
     r = compare("--report", "j.jsonl", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.startswith("error: j.jsonl:2: expected a judgment")
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "missing/j.jsonl"], "error: --out missing/j.jsonl: no directory missing"),
+    (["--out", "j.jsonl", "--judge", "localhost:8000", "--judge_model", "m"], "--judge must be an http://"),
+    (["--out", "j.jsonl", "--timeout", "0"], "error: --timeout must be > 0, got 0.0"),
+])
+def test_bad_flags(tmp_path, flags, message):
+    a = write_answers(tmp_path / "a.jsonl", ["r"], ["p"])
+    r = compare(a, a, *flags, cwd=tmp_path)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "j.jsonl").exists()
