@@ -10,7 +10,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import ROOT
-from model import ModelArgs, Transformer
+from model import Transformer, load_checkpoint
 
 SMALL = ["--dim", "64", "--n_layers", "2", "--n_heads", "2", "--dev_samples", "0"]
 
@@ -97,7 +97,7 @@ def test_lima_defaults_and_fp32_master_weights_under_bf16(toy_data, tmp_path, re
         dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=64, dropout=0.2, parallel="fsdp", act_ckpt=1)
     assert log(out)[1]["lr"] == 1e-5
     after = state(out)
-    start = torch.load(init / "consolidated.00.pth", weights_only=True)
+    start = load_checkpoint(init)[1]
     w0, w1 = start["layers.0.attention.wq.weight"].float(), after["model"]["layers.0.attention.wq.weight"]
     assert w1.dtype == torch.float32 and after["optim"]["state"]["output.weight"]["exp_avg_sq"].dtype == torch.float32
     moved = (w1 - w0).abs()
@@ -129,9 +129,9 @@ def test_resume_equals_uninterrupted(toy_data, resumed, tmp_path):
 
 
 def test_dropout_rises_per_layer(resumed):
-    params = json.loads((resumed / "epoch_02" / "params.json").read_text())
-    assert params["dropout"] == 0.3 and params["vocab_size"] == 97 and params["dim"] == 64
-    model = Transformer(ModelArgs(**params))
+    args = load_checkpoint(resumed / "epoch_02")[0]
+    assert args.vocab_size == 97 and args.dim == 64 and log(resumed)[0]["config"]["dropout"] == 0.3
+    model = Transformer.from_pretrained(resumed / "epoch_02", dropout=0.3)
     assert [block.dropout for block in model.layers] == [0.0, 0.3]
 
 
@@ -148,8 +148,7 @@ def test_tiny_demo_learns_and_its_checkpoint_loads(demo_run):
     dev = [row["dev_loss"] for row in rows if "dev_loss" in row]
     assert dev[-1] < dev[0]
     ckpt = max(out.glob("epoch_*"))
-    assert sorted(p.name for p in ckpt.iterdir()) == ["consolidated.00.pth", "params.json", "samples.jsonl",
-                                                      "tokenizer.model"]
+    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors.index.json").is_file()
     assert (ckpt / "tokenizer.model").read_bytes() == (data / "tokenizer.model").read_bytes()
     samples = [json.loads(line) for line in (ckpt / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(isinstance(s["response"], str) for s in samples)
@@ -179,8 +178,8 @@ def test_refusals(toy_data, resumed, tmp_path):
     # ... and without a tokenizer.model beside the checkpoint, its vocabulary size does not fit
     bare = tmp_path / "bare"
     bare.mkdir()
-    for name in ("params.json", "consolidated.00.pth"):
-        (bare / name).write_bytes((resumed / "epoch_02" / name).read_bytes())
+    for f in (resumed / "epoch_02").glob("[cm]*.*"):  # config.json, model*.safetensors and their index
+        (bare / f.name).write_bytes(f.read_bytes())
     r = train(other, tmp_path / "d", "--init", str(bare))
     assert r.returncode == 1 and r.stderr.strip() == (
         f"error: {bare} has 97 tokens, expected 80 (a base LLaMA) or 81 (with EOT): "

@@ -11,21 +11,21 @@ arithmetic runs in bf16. 7B and up shard parameters, gradients and optimizer sta
 """
 import argparse, functools, hashlib, json, math, os, shutil, sys, time, warnings
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from model import CheckpointError, ModelArgs, Tokenizer, Transformer, generate
+from model import CheckpointError, ModelArgs, Tokenizer, Transformer, _hf_name, generate, hf_files, hf_rotary_order
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 p.add_argument("--size", default="tiny", help="tiny (from scratch, for a CPU) or 7B, 13B, 33B, 65B (with --init)")
@@ -216,8 +216,8 @@ def evaluate():
 
 @torch.no_grad()
 def save_epoch(epoch, dev_loss):
-    """OUT/epoch_NN/ in Meta's layout (bf16), loadable by Transformer.from_pretrained and sample.py, with LIMA-sampled
-    answers to the dev prompts: what LIMA chose its checkpoint from (§3)."""
+    """OUT/epoch_NN/, a Hugging Face LLaMA directory (transformers, vLLM, llama.cpp's converter, sample.py load it)
+    with LIMA-sampled answers to the dev prompts: what LIMA chose its checkpoint from (§3)."""
     raw.eval()
     n = min(args.dev_samples, len(dev["ids"]))
     convs = dev["conversations"][rank:n:world]  # each rank answers its share of the prompts
@@ -247,20 +247,66 @@ def save_epoch(epoch, dev_loss):
         dist.gather_object(rows, shares, dst=0)
         rows = [shares[k % world][k // world] for k in range(n)] if master else rows
     raw.train()
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # the weights in bf16, Hugging Face's names and q/k order, in safetensors files of <= 5 GB. Every rank writes its
+    # own rows (FSDP2 shards dim 0 as torch.chunk) of every weight at their place in the files: no rank holds more
+    # than its shard and one q/k matrix, gathered because HF's order moves rows across the shards' boundaries
+    tmp, final, old = (out / f"{pre}epoch_{epoch:02d}" for pre in (".tmp_", "", ".old_"))
+    state, files = raw.state_dict(), [[]]
+    for k, v in state.items():
+        if sum(2 * state[j].numel() for j in files[-1]) + 2 * v.numel() > 5e9:
+            files.append([])
+        files[-1].append(k)
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    where = {}  # weight -> (file, offset of its data)
+    for i, names in enumerate(files):
+        file, header, at = tmp / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors", {}, 0
+        for k in names:
+            header[_hf_name(k, to_hf=True)] = {"dtype": "BF16", "shape": list(state[k].shape),
+                                              "data_offsets": [at, at + 2 * state[k].numel()]}
+            where[k], at = (file, at), at + 2 * state[k].numel()
+        header = json.dumps({**header, "__metadata__": {"format": "pt"}}).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        where.update({k: (file, 8 + len(header) + where[k][1]) for k in names})
+        if master:
+            with open(file, "wb") as f:
+                f.write(len(header).to_bytes(8, "little") + header)
+                f.truncate(8 + len(header) + at)
+    if distributed:
+        dist.barrier()  # the files exist
+    handles = {}
+    for k, v in state.items():
+        if k.endswith(("wq.weight", "wk.weight")):
+            v = hf_rotary_order(v.full_tensor() if isinstance(v, DTensor) else v, raw.args.dim // raw.args.n_heads,
+                                to_hf=True)
+        chunk = math.ceil(v.shape[0] / world)
+        mine = v.to_local() if isinstance(v, DTensor) else v[rank * chunk : (rank + 1) * chunk]
+        file, at = where[k]
+        if file not in handles:
+            handles[file] = open(file, "r+b")
+        f = handles[file]
+        f.seek(at + rank * chunk * 2 * math.prod(v.shape[1:]))
+        f.write(mine.to("cpu", torch.bfloat16).contiguous().view(torch.uint8).numpy())
+    for f in handles.values():
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+    if distributed:
+        dist.barrier()  # every rank's rows are on disk
     if not master:
         return
-    tmp, final = out / f".tmp_epoch_{epoch:02d}", out / f"epoch_{epoch:02d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for k in state:  # one tensor at a time: never a float32 and a bf16 copy of the whole model at once
-        state[k] = state[k].to(torch.bfloat16)
-    torch.save(state, tmp / "consolidated.00.pth")
-    (tmp / "params.json").write_text(json.dumps(asdict(raw.args), indent=2))
+    index = {"metadata": {"total_size": 2 * sum(v.numel() for v in state.values())},
+             "weight_map": {_hf_name(k, to_hf=True): where[k][0].name for k in state}}
+    for name, obj in {**hf_files(raw.args, tokenizer), "model.safetensors.index.json": index}.items():
+        (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
     shutil.copy(data / "tokenizer.model", tmp / "tokenizer.model")
     (tmp / "samples.jsonl").write_text("".join(json.dumps({"epoch": epoch, "dev_loss": dev_loss, **r}) + "\n" for r in rows))
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():  # replaced in two renames: a kill between them leaves the old epoch whole, under .old_
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 start = 0
