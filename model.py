@@ -417,23 +417,19 @@ def hf_files(args: ModelArgs, tok: "Tokenizer") -> dict:
     normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
                                                       {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
     bos_first = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": normalizer,
-        "pre_tokenizer": None, "post_processor": {
-            "type": "TemplateProcessing", "single": bos_first, "pair": bos_first + [{"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
-            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(sp.unk_id()), "fuse_unk": True,
-                  "byte_fallback": True, "vocab": vocab, "merges": [m[3:] for m in merges]}}
+    tokenizer = {"added_tokens": added, "normalizer": normalizer, "post_processor": {
+        "type": "TemplateProcessing", "single": bos_first, "pair": bos_first + [{"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}}, "decoder": {
+        "type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                         {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "unk_token": sp.id_to_piece(sp.unk_id()), "fuse_unk": True, "byte_fallback": True,
+                  "vocab": vocab, "merges": [m[3:] for m in merges]}}
     names = {"bos_token": bos, "eos_token": eot, "unk_token": sp.id_to_piece(sp.unk_id())}
     tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False, **names,
+        "tokenizer_class": "PreTrainedTokenizerFast", **names,
         "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
         # LIMA §2: BOS, then every turn followed by EOT, no role tags; a prompt ends after the user's EOT
-        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}" + eot + "{% endfor %}",
-        "model_max_length": args.max_seq_len, "clean_up_tokenization_spaces": False}
+        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}" + eot + "{% endfor %}"}
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,

@@ -247,48 +247,37 @@ def save_epoch(epoch, dev_loss):
         dist.gather_object(rows, shares, dst=0)
         rows = [shares[k % world][k // world] for k in range(n)] if master else rows
     raw.train()
-    # the weights in bf16, Hugging Face's names and q/k order, in safetensors files of <= 5 GB. Every rank writes its
-    # own rows (FSDP2 shards dim 0 as torch.chunk) of every weight at their place in the files: no rank holds more
-    # than its shard and one q/k matrix, gathered because HF's order moves rows across the shards' boundaries
+    # the weights in bf16 with Hugging Face's names and q/k order, in safetensors files of <= 5 GB. Each rank writes
+    # its own rows of every weight (FSDP2 shards dim 0 as torch.chunk does) at their place in the files: no rank holds
+    # more than its shard and one q/k matrix, gathered because HF's order moves rows across the shards' boundaries
     tmp, final, old = (out / f"{pre}epoch_{epoch:02d}" for pre in (".tmp_", "", ".old_"))
-    state, files = raw.state_dict(), [[]]
+    state, headers, where = raw.state_dict(), [{}], {}  # where: weight -> (file number, offset in the file's data)
     for k, v in state.items():
-        if sum(2 * state[j].numel() for j in files[-1]) + 2 * v.numel() > 5e9:
-            files.append([])
-        files[-1].append(k)
+        at = max((h["data_offsets"][1] for h in headers[-1].values()), default=0)
+        if at and at + 2 * v.numel() > 5e9:
+            headers, at = headers + [{}], 0
+        where[k] = len(headers) - 1, at
+        headers[-1][_hf_name(k, to_hf=True)] = dict(dtype="BF16", shape=list(v.shape), data_offsets=[at, at + 2 * v.numel()])
+    files = [tmp / f"model-{i + 1:05d}-of-{len(headers):05d}.safetensors" for i in range(len(headers))]
+    headers = [json.dumps({**h, "__metadata__": {"format": "pt"}}).encode() for h in headers]
+    headers = [h + b" " * (-len(h) % 8) for h in headers]  # the data starts 8-byte aligned
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    where = {}  # weight -> (file, offset of its data)
-    for i, names in enumerate(files):
-        file, header, at = tmp / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors", {}, 0
-        for k in names:
-            header[_hf_name(k, to_hf=True)] = {"dtype": "BF16", "shape": list(state[k].shape),
-                                              "data_offsets": [at, at + 2 * state[k].numel()]}
-            where[k], at = (file, at), at + 2 * state[k].numel()
-        header = json.dumps({**header, "__metadata__": {"format": "pt"}}).encode()
-        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-        where.update({k: (file, 8 + len(header) + where[k][1]) for k in names})
-        if master:
-            with open(file, "wb") as f:
-                f.write(len(header).to_bytes(8, "little") + header)
-                f.truncate(8 + len(header) + at)
+        for file, h in zip(files, headers):
+            file.write_bytes(len(h).to_bytes(8, "little") + h)
     if distributed:
         dist.barrier()  # the files exist
-    handles = {}
+    handles = [open(file, "r+b") for file in files]
     for k, v in state.items():
         if k.endswith(("wq.weight", "wk.weight")):
             v = hf_rotary_order(v.full_tensor() if isinstance(v, DTensor) else v, raw.args.dim // raw.args.n_heads,
                                 to_hf=True)
-        chunk = math.ceil(v.shape[0] / world)
+        chunk, (i, at) = math.ceil(v.shape[0] / world), where[k]
         mine = v.to_local() if isinstance(v, DTensor) else v[rank * chunk : (rank + 1) * chunk]
-        file, at = where[k]
-        if file not in handles:
-            handles[file] = open(file, "r+b")
-        f = handles[file]
-        f.seek(at + rank * chunk * 2 * math.prod(v.shape[1:]))
-        f.write(mine.to("cpu", torch.bfloat16).contiguous().view(torch.uint8).numpy())
-    for f in handles.values():
+        handles[i].seek(8 + len(headers[i]) + at + rank * chunk * 2 * math.prod(v.shape[1:]))
+        handles[i].write(mine.to(torch.bfloat16).cpu().contiguous().view(torch.uint8).numpy())
+    for f in handles:
         f.flush()
         os.fsync(f.fileno())
         f.close()
@@ -297,7 +286,7 @@ def save_epoch(epoch, dev_loss):
     if not master:
         return
     index = {"metadata": {"total_size": 2 * sum(v.numel() for v in state.values())},
-             "weight_map": {_hf_name(k, to_hf=True): where[k][0].name for k in state}}
+             "weight_map": {_hf_name(k, to_hf=True): files[where[k][0]].name for k in state}}
     for name, obj in {**hf_files(raw.args, tokenizer), "model.safetensors.index.json": index}.items():
         (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
     shutil.copy(data / "tokenizer.model", tmp / "tokenizer.model")
