@@ -1,6 +1,6 @@
-"""Saved epochs are Hugging Face LLaMA directories: transformers loads them with no extra argument and computes the
-same logits, the chat template gives encode_dialogue's ids, generation stops at EOT; every rank writes its own rows
-(the same files from 1 and 3 processes) and a killed save leaves no half-written epoch. CPU, float32 compares."""
+"""Saved epochs are Hugging Face LLaMA directories: transformers loads them with no extra argument and
+computes the same logits, the chat template gives encode_dialogue's ids, generation stops at EOT; every rank
+writes its own rows (the same files from 1 and 3 processes) and a killed save leaves no half-written epoch."""
 import json
 import shutil
 import signal
@@ -24,8 +24,7 @@ def chat(turns):
 
 
 def template_ids(hf_tok, turns, **kw):
-    ids = hf_tok.apply_chat_template(chat(turns), tokenize=True, **kw)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return hf_tok.apply_chat_template(chat(turns), tokenize=True, return_dict=True, **kw)["input_ids"]
 
 
 def test_epoch_loads_in_transformers_with_equal_logits(demo_run):
@@ -38,11 +37,11 @@ def test_epoch_loads_in_transformers_with_equal_logits(demo_run):
     tok = Tokenizer(ckpt / "tokenizer.model")
     config = json.loads((ckpt / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "bfloat16"
-    assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"]) == (tok.n_words, 1, tok.eot_id)
+    assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"]) == (tok.n_words, 1, 2000)
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.bfloat16
     weights = load_file(ckpt / "model-00001-of-00001.safetensors")
-    assert "model.layers.1.self_attn.q_proj.weight" in weights and weights["lm_head.weight"].dtype == torch.bfloat16
+    assert weights["model.layers.1.self_attn.q_proj.weight"].dtype == torch.bfloat16
     ours = Transformer.from_pretrained(ckpt, dtype=torch.float32).eval()
     hf = hf.float().eval()
     tokens = torch.tensor([tok.encode_dialogue(c)[0][:200] for c in
@@ -59,7 +58,8 @@ def check_chat_template(ckpt, tok, dialogues):
     for turns in dialogues:
         assert template_ids(hf_tok, turns) == tok.encode_dialogue(turns)[0]
         # a prompt for the model's answer ends after the user's EOT, as sample.py's does
-        assert template_ids(hf_tok, turns[:1], add_generation_prompt=True) == tok.encode_dialogue(turns[:1])[0]
+        prompt = template_ids(hf_tok, turns[:1], add_generation_prompt=True)
+        assert prompt == tok.encode_dialogue(turns[:1])[0]
         assert hf_tok(turns[0])["input_ids"] == [tok.bos_id, *tok.encode(turns[0])]
 
 
@@ -78,7 +78,8 @@ def test_chat_template_with_llamas_tokenizer(tmp_path):
         (tmp_path / name).write_text(json.dumps(obj))
     (tmp_path / "tokenizer.model").write_bytes(LLAMA_TOKENIZER.read_bytes())
     dialogues = [["Plan a three-day trip to Kyoto.", "Day 1: Fushimi Inari at dawn..."],
-                 ["Why is 2+2=4?", "Because  of   counting:\n\t1, 2, 3, 4 — ünïcode 😀", " and then?", "```py\nx = 1\n```"]]
+                 ["Why is 2+2=4?", "Because  of   counting:\n\t1, 2, 3, 4 — ünïcode 😀", " and then?",
+                  "```py\nx = 1\n```"]]
     lima = ROOT.parent / "shared" / "lima" / "train.jsonl"
     if lima.is_file():  # real dialogues: code, tables, runs of spaces, other scripts
         dialogues += [json.loads(line)["conversations"] for line in lima.read_text().splitlines()[:100]]
@@ -97,18 +98,20 @@ def test_generation_stops_at_eot(demo_run):
     torch.manual_seed(0)
     answer = hf.generate(torch.tensor([prompt]))[0, len(prompt):].tolist()  # the saved LIMA decoding
     assert answer[-1] == tok.eot_id and tok.eot_id not in answer[:-1] and len(answer) < 2048
-    # greedy, without the penalty (transformers' also counts the prompt): the same tokens as sample.py's decoder
-    hf_greedy = hf.generate(torch.tensor([prompt]), do_sample=False, repetition_penalty=1.0, max_new_tokens=30)
+    # greedy, without the penalty (transformers' counts the prompt too): sample.py's decoder's tokens
+    hf_greedy = hf.generate(torch.tensor([prompt]), do_sample=False, repetition_penalty=1.0,
+                            max_new_tokens=30)
     ours = Transformer.from_pretrained(ckpt, dtype=torch.float32).eval()
-    greedy = [t.item() for t in generate(ours, [prompt], tok.eot_id, 30, temperature=0, repetition_penalty=1.0)]
-    assert hf_greedy[0, len(prompt):].tolist() == greedy
+    greedy = generate(ours, [prompt], tok.eot_id, 30, temperature=0, repetition_penalty=1.0)
+    assert hf_greedy[0, len(prompt):].tolist() == [t.item() for t in greedy]
 
 
 # -----------------------------------------------------------------------------
-# a shape whose rows per rank cut through heads: q/k have 48 rows = 4 heads of 12, 16 rows on each of 3 ranks; the
-# SwiGLU's 128 rows and the 97-token vocabulary split unevenly (43, 43, 42 and 33, 33, 31). lr 1e-30 keeps the
-# initial weights exact, whatever the world size
-ODD = ["--dim", "48", "--n_heads", "4", "--n_layers", "2", "--dev_samples", "0", "--lr", "1e-30", "--min_lr", "1e-30"]
+# a shape whose rows per rank cut through heads: q/k have 48 rows = 4 heads of 12, 16 rows on each of 3 ranks;
+# the SwiGLU's 128 rows and the 97-token vocabulary split unevenly (43, 43, 42 and 33, 33, 31). lr 1e-30 keeps
+# the initial weights exact, whatever the world size
+ODD = ["--dim", "48", "--n_heads", "4", "--n_layers", "2", "--dev_samples", "0", "--lr", "1e-30",
+       "--min_lr", "1e-30"]
 
 KILL_AT_RENAME = """import os, runpy, signal, sys
 target, rename = sys.argv.pop(1), os.rename
@@ -126,8 +129,8 @@ runpy.run_path("train.py", run_name="__main__")
 def killed(target, out, *flags):
     """train.py in one process, SIGKILLed as it renames a directory to target."""
     (out.parent / "kill.py").write_text(KILL_AT_RENAME)
-    r = subprocess.run([sys.executable, str(out.parent / "kill.py"), target, "train.py", "--out", str(out), *flags],
-                       cwd=ROOT, capture_output=True, text=True)
+    cmd = [sys.executable, str(out.parent / "kill.py"), target, "train.py", "--out", str(out), *flags]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     return out
 
@@ -147,7 +150,8 @@ def test_one_and_three_processes_save_the_same_epoch(toy_data, killed_run, tmp_p
     assert a.keys() == b.keys() and len(a) == 3 + 9 * 2
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert (one / "model.safetensors.index.json").read_text() == (three / "model.safetensors.index.json").read_text()
+    index = "model.safetensors.index.json"
+    assert (one / index).read_text() == (three / index).read_text()
     # and they are the model's initial weights, in Hugging Face's order (load_checkpoint undoes it)
     torch.manual_seed(1337)
     init = Transformer(ModelArgs.from_size("tiny", vocab_size=97, dim=48, n_heads=4, n_layers=2)).state_dict()
@@ -165,8 +169,8 @@ def test_killed_save_leaves_no_half_written_epoch(killed_run, tmp_path):
     assert sorted(p.name for p in out.glob("*epoch_*")) == [".old_epoch_01", ".tmp_epoch_01", ".tmp_epoch_02"]
     aside = load_checkpoint(out / ".old_epoch_01")[1]
     assert all(torch.equal(first[k], aside[k]) for k in first)
-    r = subprocess.run([sys.executable, "train.py", "--out", str(out), *killed_run[1]], cwd=ROOT, capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, "train.py", "--out", str(out), *killed_run[1]], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]  # an uninterrupted run then saves both and clears the debris
     assert sorted(p.name for p in out.glob("*epoch_*")) == ["epoch_01", "epoch_02"]
     assert all(torch.equal(first[k], v) for k, v in load_checkpoint(out / "epoch_01")[1].items())

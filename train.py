@@ -17,15 +17,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from model import CheckpointError, ModelArgs, Tokenizer, Transformer, _hf_name, generate, hf_files, hf_rotary_order
+from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _hf_name, generate, hf_files,
+                   hf_rotary_order)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 p.add_argument("--size", default="tiny", help="tiny (from scratch, for a CPU) or 7B, 13B, 33B, 65B (with --init)")
@@ -216,8 +217,8 @@ def evaluate():
 
 @torch.no_grad()
 def save_epoch(epoch, dev_loss):
-    """OUT/epoch_NN/, a Hugging Face LLaMA directory (transformers, vLLM, llama.cpp's converter, sample.py load it)
-    with LIMA-sampled answers to the dev prompts: what LIMA chose its checkpoint from (§3)."""
+    """OUT/epoch_NN/, a Hugging Face LLaMA directory (transformers, vLLM, llama.cpp's converter and sample.py
+    load it), with LIMA-sampled answers to the dev prompts: what LIMA chose its checkpoint from (§3)."""
     raw.eval()
     n = min(args.dev_samples, len(dev["ids"]))
     convs = dev["conversations"][rank:n:world]  # each rank answers its share of the prompts
@@ -247,17 +248,18 @@ def save_epoch(epoch, dev_loss):
         dist.gather_object(rows, shares, dst=0)
         rows = [shares[k % world][k // world] for k in range(n)] if master else rows
     raw.train()
-    # the weights in bf16 with Hugging Face's names and q/k order, in safetensors files of <= 5 GB. Each rank writes
-    # its own rows of every weight (FSDP2 shards dim 0 as torch.chunk does) at their place in the files: no rank holds
-    # more than its shard and one q/k matrix, gathered because HF's order moves rows across the shards' boundaries
+    # the weights in bf16 with Hugging Face's names and q/k order, in safetensors files of <= 5 GB. Each rank
+    # writes its own rows of every weight (FSDP2 shards dim 0 as torch.chunk does) where they go in the files:
+    # no rank holds more than its shard and one q/k matrix, gathered as HF's order moves rows across shards
     tmp, final, old = (out / f"{pre}epoch_{epoch:02d}" for pre in (".tmp_", "", ".old_"))
-    state, headers, where = raw.state_dict(), [{}], {}  # where: weight -> (file number, offset in the file's data)
+    state, headers, where = raw.state_dict(), [{}], {}  # where: weight -> (file number, offset in its data)
     for k, v in state.items():
         at = max((h["data_offsets"][1] for h in headers[-1].values()), default=0)
         if at and at + 2 * v.numel() > 5e9:
             headers, at = headers + [{}], 0
         where[k] = len(headers) - 1, at
-        headers[-1][_hf_name(k, to_hf=True)] = dict(dtype="BF16", shape=list(v.shape), data_offsets=[at, at + 2 * v.numel()])
+        headers[-1][_hf_name(k, to_hf=True)] = dict(dtype="BF16", shape=list(v.shape),
+                                                   data_offsets=[at, at + 2 * v.numel()])
     files = [tmp / f"model-{i + 1:05d}-of-{len(headers):05d}.safetensors" for i in range(len(headers))]
     headers = [json.dumps({**h, "__metadata__": {"format": "pt"}}).encode() for h in headers]
     headers = [h + b" " * (-len(h) % 8) for h in headers]  # the data starts 8-byte aligned
@@ -271,8 +273,8 @@ def save_epoch(epoch, dev_loss):
     handles = [open(file, "r+b") for file in files]
     for k, v in state.items():
         if k.endswith(("wq.weight", "wk.weight")):
-            v = hf_rotary_order(v.full_tensor() if isinstance(v, DTensor) else v, raw.args.dim // raw.args.n_heads,
-                                to_hf=True)
+            v = v.full_tensor() if isinstance(v, DTensor) else v
+            v = hf_rotary_order(v, raw.args.dim // raw.args.n_heads, to_hf=True)
         chunk, (i, at) = math.ceil(v.shape[0] / world), where[k]
         mine = v.to_local() if isinstance(v, DTensor) else v[rank * chunk : (rank + 1) * chunk]
         handles[i].seek(8 + len(headers[i]) + at + rank * chunk * 2 * math.prod(v.shape[1:]))
