@@ -272,13 +272,14 @@ def save_epoch(epoch, dev_loss):
         dist.barrier()  # the files exist
     handles = [open(file, "r+b") for file in files]
     for k, v in state.items():
+        v = v.to(torch.bfloat16)  # this rank's part only, if sharded
         if k.endswith(("wq.weight", "wk.weight")):
             v = v.full_tensor() if isinstance(v, DTensor) else v
             v = hf_rotary_order(v, raw.args.dim // raw.args.n_heads, to_hf=True)
         chunk, (i, at) = math.ceil(v.shape[0] / world), where[k]
         mine = v.to_local() if isinstance(v, DTensor) else v[rank * chunk : (rank + 1) * chunk]
         handles[i].seek(8 + len(headers[i]) + at + rank * chunk * 2 * math.prod(v.shape[1:]))
-        handles[i].write(mine.to(torch.bfloat16).cpu().contiguous().view(torch.uint8).numpy())
+        handles[i].write(mine.cpu().contiguous().view(torch.uint8).numpy())
     for f in handles:
         f.flush()
         os.fsync(f.fileno())
