@@ -332,13 +332,23 @@ def _load_meta(path: Path) -> tuple:
     return args, state_dict
 
 
-def _hf_name(name: str) -> str:
-    """Hugging Face's name for a weight -> Meta's (model.layers.3.self_attn.q_proj.weight -> layers.3.attention.wq.weight)."""
+def _hf_name(name: str, to_hf: bool = False) -> str:
+    """Hugging Face's name for a weight -> Meta's, or back with to_hf
+    (model.layers.3.self_attn.q_proj.weight <-> layers.3.attention.wq.weight)."""
+    names = {meta: hf for hf, meta in HF_NAMES.items()} if to_hf else HF_NAMES
+    prefix, new_prefix = ("layers.", "model.layers.") if to_hf else ("model.layers.", "layers.")
     stem, suffix = name.rsplit(".", 1)
-    if stem.startswith("model.layers."):
-        _, _, layer, sub = stem.split(".", 3)
-        return f"layers.{layer}.{HF_NAMES.get(sub, sub)}.{suffix}"
-    return f"{HF_NAMES.get(stem, stem)}.{suffix}"
+    if stem.startswith(prefix):
+        layer, sub = stem[len(prefix) :].split(".", 1)
+        return f"{new_prefix}{layer}.{names.get(sub, sub)}.{suffix}"
+    return f"{names.get(stem, stem)}.{suffix}"
+
+
+def hf_rotary_order(w, head_dim: int, to_hf: bool):
+    """Meta's q/k rows rotate pairs (2i, 2i+1) of each head, Hugging Face's rotate halves (i, i + head_dim/2):
+    reorder the rows of every head from one order to the other."""
+    halves = (head_dim // 2, 2) if to_hf else (2, head_dim // 2)
+    return w.reshape(-1, *halves, w.shape[-1]).transpose(1, 2).reshape(w.shape)
 
 
 def _load_hf(path: Path) -> tuple:
@@ -381,11 +391,61 @@ def _load_hf(path: Path) -> tuple:
             name = _hf_name(hf_name)
             _check(file, name, shapes, tensor.shape)
             if name.endswith(("wq.weight", "wk.weight")):
-                # HF permutes q/k rows to rotate halves instead of interleaved pairs; undo it for Meta's layout
-                heads = tensor.shape[0] // head_dim
-                tensor = tensor.view(heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(tensor.shape)
+                tensor = hf_rotary_order(tensor, head_dim, to_hf=False)
             state_dict[name] = tensor
     return args, state_dict
+
+
+# -----------------------------------------------------------------------------
+# Saving in Hugging Face's layout, the inverse of _load_hf: train.py writes the weights, hf_files the rest
+
+
+def hf_files(args: ModelArgs, tok: "Tokenizer") -> dict:
+    """config.json, generation_config.json and the tokenizer's files (as JSON objects) of a LIMA model. EOT is
+    an added special token and the end-of-sequence token, so transformers, vLLM and llama.cpp stop where
+    sample.py does; tokenizer.json spares transformers a protobuf-based conversion of tokenizer.model."""
+    sp, bos, eot, unk = tok.sp, tok.sp.id_to_piece(tok.bos_id), "<EOT>", tok.sp.id_to_piece(tok.sp.unk_id())
+    token = lambda i, text: dict(id=i, content=text, single_word=False, lstrip=False, rstrip=False,
+                                 normalized=False, special=True)
+    added = [token(i, sp.id_to_piece(i)) for i in range(tok.eot_id) if sp.is_control(i) or sp.is_unknown(i)]
+    added.append(token(tok.eot_id, eot))
+    vocab = {sp.id_to_piece(i): i for i in range(tok.eot_id)}
+    # BPE merges: every split of a piece into two pieces, ranked as SentencePiece merges, by the piece's score
+    merges = sorted((-sp.get_score(i), i, k, p[:k], p[k:]) for p, i in vocab.items() for k in range(1, len(p))
+                    if p[:k] in vocab and p[k:] in vocab)
+    space = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    bos_first = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    tokenizer = {
+        "added_tokens": added,
+        # SentencePiece's dummy prefix before every text, also after BOS and EOT, as encode_dialogue gets it
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, space]},
+        "post_processor": {"type": "TemplateProcessing", "single": bos_first,
+                           "pair": [*bos_first, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {**space, "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "unk_token": unk, "fuse_unk": True, "byte_fallback": True, "vocab": vocab,
+                  "merges": [m[3:] for m in merges]}}
+    names = {"bos_token": bos, "eos_token": eot, "unk_token": unk}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", **names,
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added},
+        # LIMA §2: BOS, then every turn followed by EOT, no role tags; a prompt ends after the user's EOT
+        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}" + eot + "{% endfor %}"}
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False,
+        "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads or args.n_heads,
+        "vocab_size": args.vocab_size, "hidden_act": "silu", "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len, "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "bos_token_id": tok.bos_id, "eos_token_id": tok.eot_id, "torch_dtype": "bfloat16"}
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eot_id, "do_sample": True,  # LIMA §2
+                  "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2, "max_new_tokens": 2048}
+    return {"config.json": config, "generation_config.json": generation, "tokenizer.json": tokenizer,
+            "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": names,
+            "added_tokens.json": {eot: tok.eot_id}}
 
 
 # -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@ weights, epoch checkpoints that load, exact resume, and refusals. Float32, tiny 
 import functools
 import json
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -17,18 +16,15 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils.checkpoint import checkpoint
 
 from conftest import ROOT
-from model import ModelArgs, Transformer
+from model import Transformer, load_checkpoint
 
 SMALL = ["--dim", "64", "--n_layers", "2", "--n_heads", "2", "--dev_samples", "0"]
 
 
 def train(data, out, *flags, nproc=1, script="train.py"):
     cmd = [sys.executable, str(script), "--data", str(data), "--out", str(out), *flags]
-    if nproc > 1:
-        with socket.socket() as s:  # a free port for the rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    if nproc > 1:  # --standalone: a rendezvous on a free local port, chosen by torchrun itself
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
 
@@ -160,7 +156,7 @@ def test_lima_defaults_and_fp32_master_weights_under_bf16(toy_data, tmp_path, re
         dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=64, dropout=0.2, act_ckpt=1)
     assert log(out)[1]["lr"] == 1e-5
     after = state(out)
-    start = torch.load(init / "consolidated.00.pth", weights_only=True)
+    start = load_checkpoint(init)[1]
     w0, w1 = start["layers.0.attention.wq.weight"].float(), after["model"]["layers.0.attention.wq.weight"]
     assert w1.dtype == torch.float32 and after["optim"]["state"]["output.weight"]["exp_avg_sq"].dtype == torch.float32
     moved = (w1 - w0).abs()
@@ -192,9 +188,9 @@ def test_resume_equals_uninterrupted(toy_data, resumed, tmp_path):
 
 
 def test_dropout_rises_per_layer(resumed):
-    params = json.loads((resumed / "epoch_02" / "params.json").read_text())
-    assert params["dropout"] == 0.3 and params["vocab_size"] == 97 and params["dim"] == 64
-    model = Transformer(ModelArgs(**params))
+    args = load_checkpoint(resumed / "epoch_02")[0]
+    assert args.vocab_size == 97 and args.dim == 64 and log(resumed)[0]["config"]["dropout"] == 0.3
+    model = Transformer.from_pretrained(resumed / "epoch_02", dropout=0.3)
     assert [block.dropout for block in model.layers] == [0.0, 0.3]
 
 
@@ -211,8 +207,7 @@ def test_tiny_demo_learns_and_its_checkpoint_loads(demo_run):
     dev = [row["dev_loss"] for row in rows if "dev_loss" in row]
     assert dev[-1] < dev[0]
     ckpt = max(out.glob("epoch_*"))
-    assert sorted(p.name for p in ckpt.iterdir()) == ["consolidated.00.pth", "params.json", "samples.jsonl",
-                                                      "tokenizer.model"]
+    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors.index.json").is_file()
     assert (ckpt / "tokenizer.model").read_bytes() == (data / "tokenizer.model").read_bytes()
     samples = [json.loads(line) for line in (ckpt / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(isinstance(s["response"], str) for s in samples)
@@ -242,8 +237,8 @@ def test_refusals(toy_data, resumed, tmp_path):
     # ... and without a tokenizer.model beside the checkpoint, its vocabulary size does not fit
     bare = tmp_path / "bare"
     bare.mkdir()
-    for name in ("params.json", "consolidated.00.pth"):
-        (bare / name).write_bytes((resumed / "epoch_02" / name).read_bytes())
+    for f in (resumed / "epoch_02").glob("[cm]*.*"):  # config.json, model*.safetensors and their index
+        (bare / f.name).write_bytes(f.read_bytes())
     r = train(other, tmp_path / "d", "--init", str(bare))
     assert r.returncode == 1 and r.stderr.strip() == (
         f"error: {bare} has 97 tokens, expected 80 (a base LLaMA) or 81 (with EOT): "

@@ -11,7 +11,6 @@ arithmetic runs in bf16. Under torchrun FSDP2 shards weights, gradients and Adam
 """
 import argparse, functools, hashlib, json, math, os, shutil, sys, time, warnings
 from contextlib import nullcontext
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,13 +18,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from model import CheckpointError, ModelArgs, Tokenizer, Transformer, generate
+from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _hf_name, generate, hf_files,
+                   hf_rotary_order)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 p.add_argument("--size", default="tiny", help="tiny (from scratch, for a CPU) or 7B, 13B, 33B, 65B (with --init)")
@@ -216,8 +217,8 @@ def evaluate():
 
 @torch.no_grad()
 def save_epoch(epoch, dev_loss):
-    """OUT/epoch_NN/ in Meta's layout (bf16), loadable by Transformer.from_pretrained and sample.py, with LIMA-sampled
-    answers to the dev prompts: what LIMA chose its checkpoint from (§3)."""
+    """OUT/epoch_NN/, a Hugging Face LLaMA directory (transformers, vLLM, llama.cpp's converter and sample.py
+    load it), with LIMA-sampled answers to the dev prompts: what LIMA chose its checkpoint from (§3)."""
     model.eval()
     n = min(args.dev_samples, len(dev["ids"]))
     convs = dev["conversations"][rank:n:world]  # each rank answers its share of the prompts
@@ -247,20 +248,57 @@ def save_epoch(epoch, dev_loss):
         dist.gather_object(rows, shares, dst=0)
         rows = [shares[k % world][k // world] for k in range(n)] if master else rows
     model.train()
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # the weights in bf16 with Hugging Face's names and q/k order, in safetensors files of <= 5 GB. Each rank
+    # writes its own rows of every weight (FSDP2 shards dim 0 as torch.chunk does) where they go in the files:
+    # no rank holds more than its shard and one q/k matrix, gathered as HF's order moves rows across shards
+    tmp, final, old = (out / f"{pre}epoch_{epoch:02d}" for pre in (".tmp_", "", ".old_"))
+    state, headers, where = model.state_dict(), [{}], {}  # where: weight -> (file number, offset in its data)
+    for k, v in state.items():
+        at = max((h["data_offsets"][1] for h in headers[-1].values()), default=0)
+        if at and at + 2 * v.numel() > 5e9:
+            headers, at = headers + [{}], 0
+        where[k] = len(headers) - 1, at
+        headers[-1][_hf_name(k, to_hf=True)] = dict(dtype="BF16", shape=list(v.shape),
+                                                   data_offsets=[at, at + 2 * v.numel()])
+    files = [tmp / f"model-{i + 1:05d}-of-{len(headers):05d}.safetensors" for i in range(len(headers))]
+    headers = [json.dumps({**h, "__metadata__": {"format": "pt"}}).encode() for h in headers]
+    headers = [h + b" " * (-len(h) % 8) for h in headers]  # the data starts 8-byte aligned
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for file, h in zip(files, headers):
+            file.write_bytes(len(h).to_bytes(8, "little") + h)
+    if distributed:
+        dist.barrier()  # the files exist
+    handles = [open(file, "r+b") for file in files]
+    for k, v in state.items():
+        v = v.to(torch.bfloat16)  # this rank's part only, if sharded
+        if k.endswith(("wq.weight", "wk.weight")):
+            v = v.full_tensor() if isinstance(v, DTensor) else v
+            v = hf_rotary_order(v, model.args.dim // model.args.n_heads, to_hf=True)
+        chunk, (i, at) = math.ceil(v.shape[0] / world), where[k]
+        mine = v.to_local() if isinstance(v, DTensor) else v[rank * chunk : (rank + 1) * chunk]
+        handles[i].seek(8 + len(headers[i]) + at + rank * chunk * 2 * math.prod(v.shape[1:]))
+        handles[i].write(mine.cpu().contiguous().view(torch.uint8).numpy())
+    for f in handles:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+    if distributed:
+        dist.barrier()  # every rank's rows are on disk
     if not master:
         return
-    tmp, final = out / f".tmp_epoch_{epoch:02d}", out / f"epoch_{epoch:02d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for k in state:  # one tensor at a time: never a float32 and a bf16 copy of the whole model at once
-        state[k] = state[k].to(torch.bfloat16)
-    torch.save(state, tmp / "consolidated.00.pth")
-    (tmp / "params.json").write_text(json.dumps(asdict(model.args), indent=2))
+    index = {"metadata": {"total_size": 2 * sum(v.numel() for v in state.values())},
+             "weight_map": {_hf_name(k, to_hf=True): files[where[k][0]].name for k in state}}
+    for name, obj in {**hf_files(model.args, tokenizer), "model.safetensors.index.json": index}.items():
+        (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
     shutil.copy(data / "tokenizer.model", tmp / "tokenizer.model")
     (tmp / "samples.jsonl").write_text("".join(json.dumps({"epoch": epoch, "dev_loss": dev_loss, **r}) + "\n" for r in rows))
-    shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():  # replaced in two renames: a kill between them leaves the old epoch whole, under .old_
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 start = 0
