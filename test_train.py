@@ -16,7 +16,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils.checkpoint import checkpoint
 
 from conftest import ROOT
-from model import Transformer, load_checkpoint
+from model import ModelArgs, Transformer, load_checkpoint
 
 SMALL = ["--dim", "64", "--n_layers", "2", "--n_heads", "2", "--dev_samples", "0"]
 
