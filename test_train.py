@@ -189,7 +189,7 @@ def test_any_base_model_gets_limas_recipe(toy_data, tmp_path):
     first = log(tmp_path / "out")[0]
     assert {k: first["config"][k] for k in ("epochs", "lr", "min_lr", "batch_size", "dropout")} == \
         dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=64, dropout=0.2)
-    preset = f"LIMA's for smaller models (under 10B parameters or not): {tmp_path / 'hf'} has 0.00B"
+    preset = f"LIMA's for smaller models (under 10B parameters): {tmp_path / 'hf'} has 0.00B"
     assert first["preset"] == preset and f"recipe: {preset}; 15 epochs, batch 64, lr 1e-05 to 1e-06" in r.stderr
     assert "train (LIMA's recipe)" in r.stderr
     assert refusals((toy_data[0], tmp_path / "a", "--init", tmp_path / "hf", "--size", "7B"),

@@ -85,7 +85,8 @@ if args.init and not Path(args.init).is_dir():
         f" (--size {args.size} fine-tunes llama/{args.size} unless --init names another)" * bool(args.size)))
 fill(LIMA if args.init else TINY)  # batch size and dropout of a pretrained model: once its size is known
 for ok, flag, want in [
-        (args.epochs >= 1, "epochs", ">= 1"), ((args.batch_size or 1) > 0, "batch_size", ">= 1"),
+        (args.epochs >= 1, "epochs", ">= 1"), (args.batch_size is None or args.batch_size >= 1, "batch_size",
+                                                ">= 1"),
         (args.lr > 0, "lr", "> 0"), (0 <= (args.dropout or 0) < 1, "dropout", "in [0, 1)"),
         (args.max_len >= 2, "max_len", ">= 2"), (args.tokens_per_micro >= 1, "tokens_per_micro", ">= 1"),
         (args.dev_samples >= 0, "dev_samples", ">= 0")]:
@@ -177,8 +178,8 @@ shape = model_args[0]
 if args.init:  # LIMA's recipe for any base model: its parameter count picks the batch size and dropout
     count = sum(math.prod(s) for s in expected_shapes(shape).values())
     fill(SMALLER if count < 10e9 else LARGER)
-    preset = f"LIMA's for {'smaller' if count < 10e9 else 'larger'} models (under 10B parameters or not): " \
-             f"{args.init} has {count / 1e9:.2f}B"
+    preset = f"LIMA's for {'smaller models (under' if count < 10e9 else 'larger models (over'} 10B " \
+             f"parameters): {args.init} has {count / 1e9:.2f}B"
     llama = ModelArgs.from_size(args.size) if args.size else shape
     if (shape.dim, shape.n_layers, shape.n_heads) != (llama.dim, llama.n_layers, llama.n_heads):
         fail(f"--size {args.size}: {args.init} is not LLaMA-1 {args.size} (dim {shape.dim}, {shape.n_layers} "
@@ -203,7 +204,7 @@ if args.resume:
     if bad:
         fail(f"--resume: {saved[-1]} was trained with " + (
             f"other data than --data {data} (its train.pt and dev.pt differ)" if bad == "data" else
-            "another model: " + ", ".join(f"{k} {v}, not {run[bad][k]}" for k, v in was[bad].items()
+            "another model: " + ", ".join(f"{k} {v}, not {run[bad].get(k)}" for k, v in was[bad].items()
                                           if v != run[bad].get(k)) if bad == "model" else
             f"--{bad} {was[bad]}, not {run[bad]}") + "; resume with the same settings, or give a fresh --out")
 with torch.device("meta"):
