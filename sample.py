@@ -69,10 +69,6 @@ if args.prompts:
         sys.exit(f"error: --prompts {src}: no such file")
     if not out.parent.is_dir():
         sys.exit(f"error: --output {out}: no directory {out.parent}")
-    try:  # a directory or a file we may not write: refused now, not after the model loads
-        open(out, "a").close()
-    except OSError as e:
-        sys.exit(f"error: --output {out}: cannot write to it ({e.strerror})")
 
     def read_lines(path):
         try:
@@ -94,6 +90,10 @@ if args.prompts:
                 sys.exit(f"error: {src}:{n}: the prompt is not valid UTF-8 text (a lone surrogate)")
         if prompt:
             prompts.append((n, prompt))
+    try:  # a directory or a file we may not write: refused now, not after the model loads
+        open(out, "a").close()
+    except OSError as e:
+        sys.exit(f"error: --output {out}: cannot write to it ({e.strerror})")
     done = Counter()  # resume: prompts already answered in --output
     for n, line in enumerate(read_lines(out), 1):
         try:

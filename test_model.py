@@ -87,8 +87,9 @@ def test_logits_match_transformers(tmp_path, n_kv_heads):
 
 
 def test_transformers5_rope_parameters(tmp_path):
-    """transformers 5 writes the RoPE base into "rope_parameters": a base of 500,000 must load as such (read as the
-    default 10,000, the logits are off by about 2% of their scale), and a scaling this model lacks is refused."""
+    """transformers 5 writes the RoPE base into "rope_parameters": a base of 500,000 must load as such (read
+    as the default 10,000, the logits are off by about 2% of their scale); a scaling this model lacks is
+    refused."""
     ref = hf_model(rope_theta=500000.0)
     ref.save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -101,8 +102,8 @@ def test_transformers5_rope_parameters(tmp_path):
                  {"rope_scaling": {"type": "linear", "factor": 2.0}}):
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **rope}))
         kind = next(iter(rope.values())).get("rope_type", "linear")
-        with pytest.raises(CheckpointError, match=f"config.json: not a LLaMA config \\(RoPE scaling '{kind}' is not "
-                                                  "implemented\\)"):
+        with pytest.raises(CheckpointError, match=f"config.json: not a LLaMA config \\(RoPE scaling '{kind}' "
+                                                  "is not implemented\\)"):
             load_checkpoint(tmp_path / "hf")
 
 
@@ -112,7 +113,7 @@ def test_bad_hf_files_are_one_line(tmp_path, monkeypatch):
     file = tmp_path / "model.safetensors"
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "safetensors", None)  # as if not installed: importing it raises ImportError
-        with pytest.raises(CheckpointError, match="model.safetensors: reading it needs the safetensors package"):
+        with pytest.raises(CheckpointError, match="model.safetensors: reading it needs the safetensors"):
             load_checkpoint(tmp_path)
     raw = file.read_bytes()
     n = int.from_bytes(raw[:8], "little")

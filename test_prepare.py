@@ -172,7 +172,7 @@ BAD_LINES = {  # name: (bad line, placed at line 3 after two good ones; what the
     "non_string_turn": ('{"conversations": ["a", 42]}', "turn 2 is 42"),
     "empty_turn": ('{"conversations": ["a", ""]}', 'turn 2 is ""'),
     "blank_turn": ('{"conversations": ["  \\n ", "b"]}', "turn 1"),
-    "lone_surrogate": ('{"conversations": ["caf\\ud800", "b"]}', 'turn 1 is "caf\\ud800", expected non-empty text'),
+    "lone_surrogate": ('{"conversations": ["caf\\ud800", "b"]}', 'turn 1 is "caf\\ud800", expected'),
     "nested_too_deep": ('{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}", "invalid JSON"),
     "test_prompt": ('{"conversations": ["What is LIMA?"]}', "test example"),
     "no_turns": ('{"conversations": []}', "0 turns"),
@@ -232,24 +232,27 @@ def test_bad_input_one_line_no_output(sample, tmp_path):
 
 
 def test_unwritable_or_full_output_is_one_line(sample, tmp_path):
-    """A full disk (a 100 kB file size limit: train.pt does not fit) leaves the earlier output as it was and no
-    temporary directory; an --out under a file cannot be made."""
+    """A full disk (a 100 kB file size limit: train.pt does not fit) leaves the earlier output as it was and
+    no temporary directory; an --out under a file cannot be made."""
     shutil.copytree(sample[0], tmp_path / "full" / "prepared")
     before = tree(tmp_path / "full")
 
     def full_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), no signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    r = subprocess.run([sys.executable, "prepare.py", "--out", tmp_path / "full" / "prepared"], cwd=ROOT,
-                       capture_output=True, text=True, preexec_fn=full_disk)
-    assert r.returncode == 1 and r.stderr.startswith(f"error: --out {tmp_path / 'full' / 'prepared'}: cannot write it (")
-    assert len(r.stderr.splitlines()) == 1 and tree(tmp_path / "full") == before
-    assert [p.name for p in (tmp_path / "full").iterdir()] == ["prepared"]
     (tmp_path / "file").write_text("")
-    r = prepare("--out", tmp_path / "file" / "prepared")
-    assert (r.returncode, r.stderr) == (1, f"error: --out {tmp_path / 'file' / 'prepared'}: cannot write it ([Errno 17] "
-                                           f"File exists: '{tmp_path / 'file'}')\n")
+    full, under_file = (subprocess.Popen([sys.executable, "prepare.py", "--out", out], cwd=ROOT, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit)
+                        for out, limit in ((tmp_path / "full" / "prepared", full_disk),
+                                           (tmp_path / "file" / "prepared", None)))  # both at once
+    err = full.communicate()[1]
+    assert full.returncode == 1 and err.startswith(f"error: --out {tmp_path}/full/prepared: cannot write it")
+    assert len(err.splitlines()) == 1 and tree(tmp_path / "full") == before
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["prepared"]
+    assert (under_file.communicate()[1], under_file.returncode) == (
+        f"error: --out {tmp_path / 'file' / 'prepared'}: cannot write it ([Errno 17] File exists: "
+        f"'{tmp_path / 'file'}')\n", 1)
 
 
 def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path):

@@ -336,12 +336,14 @@ BAD = [  # (arguments, the one line expected on stderr)
                                                               "LLaMA) or 81 (with EOT): it was not trained with this tokenizer"),
     (["hi", "--ckpt", "noshard", "--tokenizer", "other.model"], "error: noshard: params.json but no consolidated.NN.pth shard"),
     (["Plan a trip to Kyoto. " * 12, "--ckpt", "{ckpt}"], "error: the prompt is {n} tokens; the model's context is 64"),
-    ([os.fsdecode(b"caf\xe9 au lait"), "--ckpt", "{ckpt}"], "error: the prompt is not valid UTF-8 text (a lone surrogate)"),
+    ([os.fsdecode(b"caf\xe9 au lait"), "--ckpt", "{ckpt}"],
+     "error: the prompt is not valid UTF-8 text (a lone surrogate)"),
     (["--prompts", "surrogate.jsonl", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
      "error: surrogate.jsonl:1: the prompt is not valid UTF-8 text (a lone surrogate)"),
     (["--prompts", "nested.jsonl", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
      'error: nested.jsonl:1: expected a JSON object whose "conversations" list starts with the prompt'),
-    (["--prompts", "bad.jsonl", "--output", ".", "--ckpt", "{ckpt}"], "error: --output .: cannot write to it (Is a directory)"),
+    (["--prompts", "good.txt", "--output", ".", "--ckpt", "{ckpt}"],
+     "error: --output .: cannot write to it (Is a directory)"),
     (["hi", "--ckpt", "nan"], "error: nan: the weights hold NaN or inf (saved from a diverged run?)"),
 ]
 
@@ -352,12 +354,14 @@ def test_cli_refuses_bad_values(ckpt, tmp_path, argv, message):
     (tmp_path / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))
     (tmp_path / "noshard").mkdir()
     shutil.copy(ckpt / "params.json", tmp_path / "noshard")
+    (tmp_path / "good.txt").write_text("Plan a trip.\n")
     (tmp_path / "surrogate.jsonl").write_text('{"conversations": ["caf\\ud800"]}\n')
     (tmp_path / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     if argv[-1] == "nan":  # a diverged run's weights
-        weights = torch.load(shutil.copytree(ckpt, tmp_path / "nan") / "consolidated.00.pth", weights_only=True)
+        file = shutil.copytree(ckpt, tmp_path / "nan") / "consolidated.00.pth"
+        weights = torch.load(file, weights_only=True)
         weights["norm.weight"][3] = float("nan")
-        torch.save(weights, tmp_path / "nan" / "consolidated.00.pth")
+        torch.save(weights, file)
     train_tokenizer(tmp_path / "other", 80)
     r = sample(*[a.format(ckpt=ckpt) for a in argv], cwd=tmp_path)
     n = len(Tokenizer(ckpt / "tokenizer.model").encode_dialogue([argv[0]])[0]) if "{n}" in message else 0

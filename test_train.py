@@ -30,8 +30,8 @@ def train(data, out, *flags, nproc=1):
 
 
 def refusals(*runs):
-    """(exit code, stderr) of train.py for each (data, out, *flags), run at once: a refusal costs only start-up."""
-    procs = [subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--out", str(out), *map(str, flags)],
+    """(exit code, stderr) of train.py for each (data, out, *flags), run at once: refusals are start-up."""
+    procs = [subprocess.Popen([sys.executable, "train.py", "--data", data, "--out", out, *map(str, flags)],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for data, out, *flags in runs]
     return [(p.wait(), p.stderr.read()) for p in procs]
@@ -98,8 +98,8 @@ def test_weight_decay_groups_and_lr_start(one_process, toy_data):
 
 
 def test_lima_defaults_and_fp32_master_weights_under_bf16(toy_data, tmp_path, resumed):
-    """--init a checkpoint: LIMA §3's settings for smaller models, and bf16 compute keeping float32 weights and AdamW
-    state, so a 1e-5 step survives (bf16 would round it away: its spacing near 0.02 is 1.2e-4)."""
+    """--init a checkpoint: LIMA §3's settings for smaller models, and bf16 compute keeping float32 weights
+    and AdamW state, so a 1e-5 step survives (bf16 would round it away: its spacing near 0.02 is 1.2e-4)."""
     init = resumed / "epoch_02"
     out = trained(toy_data[0], tmp_path, "--init", str(init), "--dtype", "bfloat16", "--steps", "1",
                   "--dev_samples", "0")
@@ -178,9 +178,9 @@ def test_tiny_demo_learns_and_its_checkpoint_loads(demo_run):
 
 # -----------------------------------------------------------------------------
 def test_any_base_model_gets_limas_recipe(toy_data, tmp_path):
-    """A Hugging Face model of no LLaMA-1 shape, saved by transformers, is fine-tuned with LIMA's recipe for smaller
-    models (under 10B parameters: batch 64, dropout 0.2), and the log and progress output say so; --size names
-    LLaMA-1's shapes and is refused when the model has another."""
+    """A Hugging Face model of no LLaMA-1 shape, saved by transformers, is fine-tuned with LIMA's recipe for
+    smaller models (under 10B parameters: batch 64, dropout 0.2), and the log and progress output say so;
+    --size names LLaMA-1's shapes and is refused when the model has another."""
     from test_model import hf_model
 
     hf_model().save_pretrained(tmp_path / "hf")
@@ -190,12 +190,13 @@ def test_any_base_model_gets_limas_recipe(toy_data, tmp_path):
     assert {k: first["config"][k] for k in ("epochs", "lr", "min_lr", "batch_size", "dropout")} == \
         dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=64, dropout=0.2)
     preset = f"LIMA's for smaller models (under 10B parameters): {tmp_path / 'hf'} has 0.00B"
-    assert first["preset"] == preset and f"recipe: {preset}; 15 epochs, batch 64, lr 1e-05 to 1e-06" in r.stderr
+    assert first["preset"] == preset
+    assert f"recipe: {preset}; 15 epochs, batch 64, lr 1e-05 to 1e-06" in r.stderr
     assert "train (LIMA's recipe)" in r.stderr
     assert refusals((toy_data[0], tmp_path / "a", "--init", tmp_path / "hf", "--size", "7B"),
                     (toy_data[0], tmp_path / "b", "--size", "65B")) == [
-        (1, f"error: --size 7B: {tmp_path / 'hf'} is not LLaMA-1 7B (dim 64, 2 layers, 4 heads, 0.00B parameters); "
-            "leave out --size to fine-tune it as it is\n"),
+        (1, f"error: --size 7B: {tmp_path / 'hf'} is not LLaMA-1 7B (dim 64, 2 layers, 4 heads, 0.00B "
+            "parameters); leave out --size to fine-tune it as it is\n"),
         (1, "error: --init llama/65B: no such directory (--size 65B fine-tunes llama/65B unless --init names "
             "another)\n")]
 
@@ -242,21 +243,21 @@ def test_dev_samples_in_lockstep_across_ranks(toy_data, tmp_path):
     assert all(isinstance(r["response"], str) and r["epoch"] == 1 for r in rows)
 
 
-RESUMED = [*SMALL, "--epochs", "2", "--batch_size", "16", "--dropout", "0.3", "--save_epochs", "all"]  # as resumed
+RESUMED = [*SMALL, "--epochs", "2", "--batch_size", "16", "--dropout", "0.3", "--save_epochs", "all"]
 
 
 def test_a_run_owns_its_out(toy_data, resumed, tmp_path):
-    """A fresh run into another run's --out is refused and leaves it as it was; while a train.py holds OUT/.lock
-    (here this test holds it), a second one into the same --out is refused."""
+    """A fresh run into another run's --out is refused and leaves it as it was; while a train.py holds
+    OUT/.lock (here this test holds it), a second one into the same --out is refused."""
     out = shutil.copytree(resumed, tmp_path / "out")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert refusals((toy_data[0], out, *RESUMED), (toy_data[0], out, *RESUMED, "--resume")) == [
-            (1, f"error: --out {out} holds another run (log.jsonl, resume/, epoch_NN/): continue it with --resume, "
-                "or give a fresh --out\n"),
-            (1, f"error: --out {out}: another train.py is writing there (it holds {out / '.lock'}); wait for it or "
-                "give another --out\n")]
+            (1, f"error: --out {out} holds another run (log.jsonl, resume/, epoch_NN/): continue it with "
+                "--resume, or give a fresh --out\n"),
+            (1, f"error: --out {out}: another train.py is writing there (it holds {out}/.lock); wait for it "
+                "or give another --out\n")]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -282,7 +283,7 @@ def test_resume_refuses_what_it_cannot_honour(toy_data, resumed, tmp_path):
 
 
 def test_planted_resume_metadata_runs_no_code(toy_data, resumed, tmp_path):
-    """DCP's .metadata is a pickle: one whose unpickling would create a file is refused, and no file appears."""
+    """DCP's .metadata is a pickle: one whose unpickling would create a file is refused; no file appears."""
     out = shutil.copytree(resumed, tmp_path / "out")
     step, marker = out / "resume" / "step_000006", tmp_path / "pwned"
 
@@ -298,12 +299,13 @@ def test_planted_resume_metadata_runs_no_code(toy_data, resumed, tmp_path):
 
 
 def test_divergence_at_an_epochs_last_step_saves_nothing(toy_data, tmp_path):
-    """lr 1e30 makes the weights non-finite at step 2, the last of epoch 1 (20 of 40 dialogues a step): the run
-    stops there, before the epoch's checkpoint and resume state would be written from them."""
-    r = train(toy_data[0], tmp_path, *SMALL, "--batch_size", 20, "--lr", 1e30, "--epochs", 2, "--save_epochs", "all")
+    """lr 1e30 makes the weights non-finite at step 2, the last of epoch 1 (20 of 40 dialogues a step): the
+    run stops there, before the epoch's checkpoint and resume state would be written from them."""
+    r = train(toy_data[0], tmp_path, *SMALL, "--batch_size", 20, "--lr", 1e30, "--epochs", 2, "--save_epochs",
+              "all")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
-        f"error: non-finite weights at step 2 (epoch 1); stopped before saving it: everything in {tmp_path} is from "
-        "before it")
+        f"error: non-finite weights at step 2 (epoch 1); stopped before saving it: everything in {tmp_path} "
+        "is from before it")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "log.jsonl"]
 
 
