@@ -67,13 +67,7 @@ TINY = dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, parallel
             max_new_tokens=256)
 SMALLER, LARGER = dict(batch_size=64, dropout=0.2), dict(batch_size=32, dropout=0.3)
 fail = lambda msg: sys.exit(f"error: {msg}")  # one line, no traceback
-
-
-def fill(preset):  # a preset's settings where no flag gave them
-    for k, v in preset.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-
-
+fill = lambda preset: vars(args).update({k: v for k, v in preset.items() if vars(args)[k] is None})
 if args.size not in (None, "tiny", "7B", "13B", "30B", "33B", "65B"):
     fail(f"--size {args.size}: expected 7B, 13B, 33B (or 30B), 65B or tiny; another base model: --init DIR")
 if args.size == "tiny" and args.init:
@@ -380,13 +374,8 @@ peak = next((f for name, f in {"A100": 312e12, "H100": 989e12, "H200": 989e12}.i
              if device.type == "cuda" and name in torch.cuda.get_device_name()), None)  # dense bf16 FLOP/s
 bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not master,
            desc="train (LIMA's recipe)" if args.init else "train (tiny demo)")
-
-
-def diverged(what):  # checked before anything is saved from this state
-    fail(f"non-finite {what} at step {step + 1} (epoch {epoch + 1}); stopped before saving it: everything in "
-         f"{out} is from before it")
-
-
+diverged = lambda what: fail(f"non-finite {what} at step {step + 1} (epoch {epoch + 1}); stopped before "
+                             f"saving it: everything in {out} is from before it")  # checked before any save
 model.train()
 for step in bar:
     t0 = time.time()
