@@ -1,6 +1,7 @@
 """train.py: identical updates for any world size and micro-batching, the LIMA recipe's settings, fp32 master
 weights, epoch checkpoints that load, exact resume, and refusals. Float32, tiny models, CPU (gloo)."""
 import fcntl
+import io
 import json
 import shutil
 import socket
@@ -11,7 +12,9 @@ import pickle
 
 import pytest
 import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
 from conftest import ROOT
 from model import ModelArgs, Transformer
@@ -282,20 +285,34 @@ def test_resume_refuses_what_it_cannot_honour(toy_data, resumed, tmp_path):
     assert {p.name for p in out.iterdir()} == {p.name for p in resumed.iterdir()}
 
 
+class Planted:  # unpickling it creates a file
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
 def test_planted_resume_metadata_runs_no_code(toy_data, resumed, tmp_path):
-    """DCP's .metadata is a pickle: one whose unpickling would create a file is refused; no file appears."""
-    out = shutil.copytree(resumed, tmp_path / "out")
-    step, marker = out / "resume" / "step_000006", tmp_path / "pwned"
-
-    class Planted:
-        def __reduce__(self):
-            return open, (str(marker), "w")
-
-    (step / ".metadata").write_bytes(pickle.dumps(Planted()))
-    r = train(toy_data[0], out, *RESUMED, "--resume")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and not marker.exists()
-    assert r.stderr.startswith(f"error: --resume: {step} cannot be loaded (") and \
-        "io.open has no place in a checkpoint's metadata" in r.stderr
+    """DCP's .metadata is a pickle, and DCP unpickles an entry it lists as "bytes" with plain pickle: a
+    planted .metadata, or a genuine-looking one whose tensor entry points at a planted pickle, is refused, and
+    the file their unpickling would create does not appear."""
+    a, b = (shutil.copytree(resumed, tmp_path / name) / "resume" / "step_000006" for name in ("a", "b"))
+    (a / ".metadata").write_bytes(pickle.dumps(Planted(tmp_path / "a.pwned")))
+    metadata = pickle.loads((b / ".metadata").read_bytes())  # written by train.py: trusted here
+    buf = io.BytesIO()
+    torch.save(Planted(tmp_path / "b.pwned"), buf)
+    (b / "planted.distcp").write_bytes(buf.getvalue())
+    metadata.state_dict_metadata["model.norm.weight"] = BytesStorageMetadata()
+    metadata.storage_data[MetadataIndex("model.norm.weight")] = _StorageInfo("planted.distcp", 0, buf.tell())
+    (b / ".metadata").write_bytes(pickle.dumps(metadata))
+    (ra, ea), (rb, eb) = refusals(*((toy_data[0], s.parent.parent, *RESUMED, "--resume") for s in (a, b)))
+    assert ra == rb == 1 and ea.count("\n") == eb.count("\n") == 1
+    assert ea.startswith(f"error: --resume: {a} cannot be loaded (")
+    assert "io.open has no place in a checkpoint's metadata" in ea
+    assert eb == f"error: --resume: {b} cannot be loaded (RuntimeError('Missing key in checkpoint " \
+                 "state_dict: model.norm.weight.'))\n"
+    assert not list(tmp_path.glob("*.pwned"))
 
 
 def test_divergence_at_an_epochs_last_step_saves_nothing(toy_data, tmp_path):

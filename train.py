@@ -335,7 +335,11 @@ class Unpickler(pickle.Unpickler):  # DCP's metadata is a pickle: let it build D
 class Reader(dcp.FileSystemReader):
     def read_metadata(self, *args, **kwargs):
         with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-            return Unpickler(f).load()
+            metadata = Unpickler(f).load()
+        # only tensors are read back: DCP would unpickle an entry stored as "bytes" with plain pickle
+        metadata.state_dict_metadata = {k: v for k, v in metadata.state_dict_metadata.items()
+                                        if not isinstance(v, dcp_metadata.BytesStorageMetadata)}
+        return metadata
 
 
 if master:  # rank 0 holds OUT/.lock while the run lives: a second train.py into this --out is refused
@@ -351,7 +355,7 @@ start = 0
 if args.resume:  # data order, dropout masks and lr are functions of the step: weights and AdamW state are all we need
     model_state, optim_state = get_state_dict(model, optimizer)
     logging.disable(logging.WARNING)  # DCP logs a failed read's traceback, then raises: one line says it
-    try:  # tensors only: DCP unpickles the rest (the param groups, which the flags give) with plain pickle
+    try:  # tensors only: the param groups (pickled, "bytes") are what the flags give
         dcp.load({"model": model_state, "optim": {"state": optim_state["state"]}},
                  storage_reader=Reader(saved[-1]))
     except (Exception, CheckpointException) as e:  # damaged, foreign or hostile
