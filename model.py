@@ -261,7 +261,7 @@ def load_checkpoint(path) -> tuple:
 def _read_json(file: Path) -> dict:
     try:
         return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
@@ -353,14 +353,19 @@ def hf_rotary_order(w, head_dim: int, to_hf: bool):
 
 def _load_hf(path: Path) -> tuple:
     config = _read_json(path / "config.json")
-    try:
+    try:  # RoPE's base: at the top level or in rope_parameters (transformers 5); plain RoPE only
+        rope, scaling = config.get("rope_parameters") or {}, config.get("rope_scaling") or {}
+        for kind in (rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+            if kind not in (None, "default"):
+                raise ValueError(f"RoPE scaling {kind!r} is not implemented")
         dim, hidden = config["hidden_size"], config["intermediate_size"]
         args = ModelArgs(
             dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
             n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
             # HF stores the SwiGLU width itself; these two reproduce it through Meta's rounding rule
             multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
-            norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0),
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
             max_seq_len=config.get("max_position_embeddings", 2048))
         shapes = expected_shapes(args)
     except KeyError as e:
@@ -380,9 +385,16 @@ def _load_hf(path: Path) -> tuple:
         if not file.exists():
             raise CheckpointError(f"{file}: missing shard listed in {path / index}")
         if file.suffix == ".safetensors":
-            from safetensors import safe_open  # optional dependency, only for .safetensors checkpoints
-            with safe_open(file, framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            try:
+                from safetensors import safe_open
+            except ImportError:
+                raise CheckpointError(f"{file}: reading it needs the safetensors package (pip install "
+                                      "safetensors)") from None
+            try:
+                with safe_open(file, framework="pt") as f:
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+            except Exception as e:  # a header that lies about shapes, offsets or dtypes
+                raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
         else:
             tensors = _torch_load(file)
         for hf_name, tensor in tensors.items():

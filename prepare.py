@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from collections import Counter
@@ -60,7 +61,7 @@ with open(src, "rb") as f:
             continue
         try:
             row = json.loads(line)
-        except ValueError as e:  # bad JSON or bad UTF-8
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
             fail(f"{where}: invalid JSON ({e})")
         if not isinstance(row, dict) or "conversations" not in row:
             fail(f'{where}: expected a JSON object with a "conversations" list')
@@ -68,8 +69,9 @@ with open(src, "rb") as f:
         if not isinstance(turns, list):
             fail(f'{where}: "conversations" is a {type(turns).__name__}, expected a list of strings')
         for i, turn in enumerate(turns, 1):
-            if not isinstance(turn, str) or not turn.strip():
-                fail(f"{where}: turn {i} is {json.dumps(turn)[:40]}, expected non-empty text")
+            # a lone surrogate (a "\ud800" escape) is no text: the tokenizer cannot encode it
+            if not isinstance(turn, str) or not turn.strip() or re.search("[\ud800-\udfff]", turn):
+                fail(f"{where}: turn {i} is {json.dumps(turn)[:40]}, expected non-empty text (valid Unicode)")
         if len(turns) < 2 or len(turns) % 2:  # LIMA §2: turns alternate, user first; training needs the answer
             why = "a lone prompt (a test example) has nothing to train on" if len(turns) == 1 else f"{len(turns)} turns"
             fail(f"{where}: {why}; expected user/assistant turns ending with an answer (an even number, at least 2)")
@@ -106,10 +108,10 @@ import torch  # noqa: E402 (torch takes seconds to load: only once the input is 
 
 from model import Tokenizer  # noqa: E402
 
-out.parent.mkdir(parents=True, exist_ok=True)
 tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-tmp.mkdir()
 try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
     (tmp / "tokenizer.model").write_bytes(model)
     tok = Tokenizer(tmp / "tokenizer.model")
     # BOS, each turn then EOT, the mask on the assistant's tokens and their EOT; longer texts trimmed (LIMA §3)
@@ -132,6 +134,8 @@ try:
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+except (OSError, RuntimeError) as e:  # unwritable or full; torch.save says RuntimeError
+    fail(f"--out {out}: cannot write it ({e})")
 finally:
     shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
 

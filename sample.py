@@ -8,6 +8,7 @@ $ python sample.py --prompts test.jsonl --output answers.jsonl  # a file of prom
 """
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -44,12 +45,16 @@ for ok, flag, want in [(0 < args.top_p <= 1, "top_p", "in (0, 1]"), (args.temper
     if not ok:
         sys.exit(f"error: --{flag} must be {want}, got {getattr(args, flag)}")
 
-if args.ckpt is None:  # the demo's newest epoch, by number
+is_text = lambda s: re.search("[\ud800-\udfff]", s) is None  # not a lone surrogate (bad bytes, a JSON escape)
+if args.prompt is not None and not is_text(args.prompt):
+    sys.exit("error: the prompt is not valid UTF-8 text (a lone surrogate)")
+if args.ckpt is None:  # the demo's most recently written epoch (a resumed run may rewrite an earlier one)
     epochs = [p for p in Path("out").glob("epoch_*") if p.name[6:].isdigit()]
     if not epochs:
         sys.exit("error: no checkpoint in out/: make one with `python prepare.py && python train.py --size tiny`, "
                  "or pass --ckpt DIR")
-    args.ckpt = max(epochs, key=lambda p: int(p.name[6:]))
+    args.ckpt = max(epochs, key=lambda p: p.stat().st_mtime)
+    print(f"loading {args.ckpt}, the most recently written out/epoch_*", file=sys.stderr)
 ckpt = Path(args.ckpt)
 if not ckpt.is_dir():
     sys.exit(f"error: --ckpt {ckpt}: no such directory")
@@ -77,17 +82,23 @@ if args.prompts:
         if prompt and src.suffix == ".jsonl":
             try:
                 prompt = json.loads(line)["conversations"][0]
-            except (ValueError, KeyError, IndexError, TypeError):
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError):
                 prompt = None
             if not isinstance(prompt, str):
                 sys.exit(f'error: {src}:{n}: expected a JSON object whose "conversations" list starts with the prompt')
+            if not is_text(prompt):
+                sys.exit(f"error: {src}:{n}: the prompt is not valid UTF-8 text (a lone surrogate)")
         if prompt:
             prompts.append((n, prompt))
+    try:  # a directory or a file we may not write: refused now, not after the model loads
+        open(out, "a").close()
+    except OSError as e:
+        sys.exit(f"error: --output {out}: cannot write to it ({e.strerror})")
     done = Counter()  # resume: prompts already answered in --output
     for n, line in enumerate(read_lines(out), 1):
         try:
             done[json.loads(line)["prompt"]] += 1
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             sys.exit(f'error: {out}:{n}: not an answer line (JSON with "prompt"); remove it to resume')
     todo = []
     for n, prompt in prompts:
@@ -113,6 +124,8 @@ try:
 except CheckpointError as e:
     sys.exit(f"error: {e}")
 model = model.to(device).eval()
+if not all(torch.isfinite(w).all() for w in model.parameters()):
+    sys.exit(f"error: {ckpt}: the weights hold NaN or inf (saved from a diverged run?)")
 if args.compile:
     model = torch.compile(model)
 context = model.args.max_seq_len
@@ -142,8 +155,13 @@ try:
         room = min(args.max_new_tokens, context // 2)  # kept free for each answer; the oldest turns make way
         turns, cached = [], 0  # each utterance's tokens with its EOT; the cache holds the dialogue's first `cached`
         model.setup_cache(1, context)
+        sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes become lone surrogates, refused below
         while True:
-            turns.append(tok.encode(input("> ")) + [tok.eot_id])  # Ctrl-D raises EOFError: the chat ends below
+            line = input("> ")  # Ctrl-D raises EOFError: the chat ends below
+            if not is_text(line):
+                print("error: that message is not valid UTF-8 text", file=sys.stderr)
+                continue
+            turns.append(tok.encode(line) + [tok.eot_id])
             while len(turns) > 1 and 1 + sum(map(len, turns)) + room > context:
                 turns, cached = turns[2:], 0  # drop the oldest exchange; the rest is prefilled again
             ids = [tok.bos_id] + sum(turns, [])

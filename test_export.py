@@ -161,16 +161,25 @@ def test_one_and_three_processes_save_the_same_epoch(toy_data, killed_run, tmp_p
 
 
 def test_killed_save_leaves_no_half_written_epoch(killed_run, tmp_path):
-    out = tmp_path / "out"
+    out, flags = tmp_path / "out", [*killed_run[1], "--resume"]
     shutil.copytree(killed_run[0], out)
     assert not (out / "epoch_02").exists() and (out / ".tmp_epoch_02").is_dir()
+    before_epoch_2 = shutil.copytree(out / "resume", tmp_path / "resume")  # the state epoch 2 resumes from
     first = load_checkpoint(out / "epoch_01")[1]
-    killed("epoch_01", out, *killed_run[1])  # a rerun dies replacing epoch_01: the old one is aside, whole
-    assert sorted(p.name for p in out.glob("*epoch_*")) == [".old_epoch_01", ".tmp_epoch_01", ".tmp_epoch_02"]
-    aside = load_checkpoint(out / ".old_epoch_01")[1]
-    assert all(torch.equal(first[k], aside[k]) for k in first)
-    r = subprocess.run([sys.executable, "train.py", "--out", str(out), *killed_run[1]], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]  # an uninterrupted run then saves both and clears the debris
+    trained_run = lambda: subprocess.run([sys.executable, "train.py", "--out", str(out), *flags], cwd=ROOT,
+                                         capture_output=True, text=True)
+    r = trained_run()
+    assert r.returncode == 0, r.stderr[-2000:]  # the resumed run saves epoch 2 and clears the debris
+    assert sorted(p.name for p in out.glob("*epoch_*")) == ["epoch_01", "epoch_02"]
+    second = load_checkpoint(out / "epoch_02")[1]
+    shutil.rmtree(out / "resume")
+    shutil.copytree(before_epoch_2, out / "resume")
+    killed("epoch_02", out, *flags)  # resumed again, it dies replacing epoch_02: the old one is aside, whole
+    assert sorted(p.name for p in out.glob("*epoch_*")) == [".old_epoch_02", ".tmp_epoch_02", "epoch_01"]
+    aside = load_checkpoint(out / ".old_epoch_02")[1]
+    assert all(torch.equal(second[k], aside[k]) for k in second)
+    r = trained_run()
+    assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in out.glob("*epoch_*")) == ["epoch_01", "epoch_02"]
     assert all(torch.equal(first[k], v) for k, v in load_checkpoint(out / "epoch_01")[1].items())
+    assert all(torch.equal(second[k], v) for k, v in load_checkpoint(out / "epoch_02")[1].items())

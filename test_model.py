@@ -14,12 +14,12 @@ ROOT = Path(__file__).parent
 LLAMA_TOKENIZER = ROOT.parent / "shared" / "llama" / "tokenizer.model"
 
 
-def hf_model(n_kv_heads=4, vocab=96, seed=0):
+def hf_model(n_kv_heads=4, vocab=96, seed=0, rope_theta=10000.0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5, max_position_embeddings=128, rope_theta=10000.0,
+        num_key_value_heads=n_kv_heads, rms_norm_eps=1e-5, max_position_embeddings=128, rope_theta=rope_theta,
         tie_word_embeddings=False, attn_implementation="eager")
     model = transformers.LlamaForCausalLM(config).float().eval()
     with torch.no_grad():  # non-trivial norm gains, so a norm loaded into the wrong place shows
@@ -84,6 +84,48 @@ def test_logits_match_transformers(tmp_path, n_kv_heads):
             got = model(tokens)
         err = (got - want).abs().max().item()
         assert err <= 1e-5 * want.abs().max().item(), (layout, err)
+
+
+def test_transformers5_rope_parameters(tmp_path):
+    """transformers 5 writes the RoPE base into "rope_parameters": a base of 500,000 must load as such (read
+    as the default 10,000, the logits are off by about 2% of their scale); a scaling this model lacks is
+    refused."""
+    ref = hf_model(rope_theta=500000.0)
+    ref.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 500000.0
+    tokens = torch.randint(0, 96, (2, 100))
+    with torch.no_grad():
+        want, got = ref(tokens).logits, Transformer.from_pretrained(tmp_path / "hf").eval()(tokens)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    for rope in ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}},
+                 {"rope_scaling": {"type": "linear", "factor": 2.0}}):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **rope}))
+        kind = next(iter(rope.values())).get("rope_type", "linear")
+        with pytest.raises(CheckpointError, match=f"config.json: not a LLaMA config \\(RoPE scaling '{kind}' "
+                                                  "is not implemented\\)"):
+            load_checkpoint(tmp_path / "hf")
+
+
+def test_bad_hf_files_are_one_line(tmp_path, monkeypatch):
+    """safetensors missing, a safetensors header that lies, JSON nested past Python's recursion limit."""
+    hf_model().save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "safetensors", None)  # as if not installed: importing it raises ImportError
+        with pytest.raises(CheckpointError, match="model.safetensors: reading it needs the safetensors"):
+            load_checkpoint(tmp_path)
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["lm_head.weight"]["shape"][0] += 1  # more rows than its bytes hold
+    h = json.dumps(header).encode()
+    file.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n :])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a valid safetensors file"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("size,count", [("7B", 6_738_415_616), ("13B", 13_015_864_320), ("33B", 32_528_943_616),

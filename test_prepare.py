@@ -1,7 +1,9 @@
 """prepare.py end to end: the sample, the real LIMA data (when present beside the checkout) and every bad input."""
 import hashlib
 import json
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -170,6 +172,8 @@ BAD_LINES = {  # name: (bad line, placed at line 3 after two good ones; what the
     "non_string_turn": ('{"conversations": ["a", 42]}', "turn 2 is 42"),
     "empty_turn": ('{"conversations": ["a", ""]}', 'turn 2 is ""'),
     "blank_turn": ('{"conversations": ["  \\n ", "b"]}', "turn 1"),
+    "lone_surrogate": ('{"conversations": ["caf\\ud800", "b"]}', 'turn 1 is "caf\\ud800", expected'),
+    "nested_too_deep": ('{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}", "invalid JSON"),
     "test_prompt": ('{"conversations": ["What is LIMA?"]}', "test example"),
     "no_turns": ('{"conversations": []}', "0 turns"),
     "ends_with_user": ('{"conversations": ["a", "b", "c"]}', "3 turns"),
@@ -225,6 +229,30 @@ def test_bad_input_one_line_no_output(sample, tmp_path):
         assert tree(tmp_path / name) == before[name], f"{name}: files changed"
         out_parent = tmp_path / name / "out"
         assert not out_parent.exists() or [p.name for p in out_parent.iterdir()] == ["prepared"], name
+
+
+def test_unwritable_or_full_output_is_one_line(sample, tmp_path):
+    """A full disk (a 100 kB file size limit: train.pt does not fit) leaves the earlier output as it was and
+    no temporary directory; an --out under a file cannot be made."""
+    shutil.copytree(sample[0], tmp_path / "full" / "prepared")
+    before = tree(tmp_path / "full")
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), no signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    (tmp_path / "file").write_text("")
+    full, under_file = (subprocess.Popen([sys.executable, "prepare.py", "--out", out], cwd=ROOT, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit)
+                        for out, limit in ((tmp_path / "full" / "prepared", full_disk),
+                                           (tmp_path / "file" / "prepared", None)))  # both at once
+    err = full.communicate()[1]
+    assert full.returncode == 1 and err.startswith(f"error: --out {tmp_path}/full/prepared: cannot write it")
+    assert len(err.splitlines()) == 1 and tree(tmp_path / "full") == before
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["prepared"]
+    assert (under_file.communicate()[1], under_file.returncode) == (
+        f"error: --out {tmp_path / 'file' / 'prepared'}: cannot write it ([Errno 17] File exists: "
+        f"'{tmp_path / 'file'}')\n", 1)
 
 
 def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path):

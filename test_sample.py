@@ -243,11 +243,22 @@ def test_cli_prints_a_character_split_across_byte_pieces_whole(ckpt, tmp_path):
 
 def test_cli_seed_reproducible_and_default_checkpoint(ckpt, tmp_path):
     (tmp_path / "out" / "epoch_2").mkdir(parents=True)  # older and empty: choosing it would fail
-    shutil.copytree(ckpt, tmp_path / "out" / "epoch_10")  # newest by number, though "epoch_10" < "epoch_2"
+    os.utime(tmp_path / "out" / "epoch_2", (1e9, 1e9))
+    shutil.copytree(ckpt, tmp_path / "out" / "epoch_10")
     default = sample("Plan a trip.", "--seed", 7, "--max_new_tokens", 25, cwd=tmp_path)
     explicit = sample("Plan a trip.", "--seed", 7, "--max_new_tokens", 25, "--ckpt", ckpt)
     assert default.returncode == explicit.returncode == 0, default.stderr
     assert default.stdout == explicit.stdout and len(default.stdout) > 20  # sampled, yet the same for one seed
+
+
+def test_cli_default_checkpoint_is_the_most_recently_written(ckpt, tmp_path):
+    """A resumed run may rewrite an earlier epoch after a later one: the default is the newest by time, not by
+    number (here epoch_10, older and without weights, would fail), and stderr says which it loaded."""
+    (tmp_path / "out" / "epoch_10").mkdir(parents=True)
+    os.utime(tmp_path / "out" / "epoch_10", (1e9, 1e9))
+    shutil.copytree(ckpt, tmp_path / "out" / "epoch_02")
+    r = sample("Plan a trip.", "--max_new_tokens", 3, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "loading out/epoch_02, the most recently written out/epoch_*\n"
 
 
 def test_cli_chat_keeps_history_in_cache_and_trims_oldest_turns(ckpt):
@@ -325,6 +336,15 @@ BAD = [  # (arguments, the one line expected on stderr)
                                                               "LLaMA) or 81 (with EOT): it was not trained with this tokenizer"),
     (["hi", "--ckpt", "noshard", "--tokenizer", "other.model"], "error: noshard: params.json but no consolidated.NN.pth shard"),
     (["Plan a trip to Kyoto. " * 12, "--ckpt", "{ckpt}"], "error: the prompt is {n} tokens; the model's context is 64"),
+    ([os.fsdecode(b"caf\xe9 au lait"), "--ckpt", "{ckpt}"],
+     "error: the prompt is not valid UTF-8 text (a lone surrogate)"),
+    (["--prompts", "surrogate.jsonl", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
+     "error: surrogate.jsonl:1: the prompt is not valid UTF-8 text (a lone surrogate)"),
+    (["--prompts", "nested.jsonl", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
+     'error: nested.jsonl:1: expected a JSON object whose "conversations" list starts with the prompt'),
+    (["--prompts", "good.txt", "--output", ".", "--ckpt", "{ckpt}"],
+     "error: --output .: cannot write to it (Is a directory)"),
+    (["hi", "--ckpt", "nan"], "error: nan: the weights hold NaN or inf (saved from a diverged run?)"),
 ]
 
 
@@ -334,9 +354,17 @@ def test_cli_refuses_bad_values(ckpt, tmp_path, argv, message):
     (tmp_path / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))
     (tmp_path / "noshard").mkdir()
     shutil.copy(ckpt / "params.json", tmp_path / "noshard")
+    (tmp_path / "good.txt").write_text("Plan a trip.\n")
+    (tmp_path / "surrogate.jsonl").write_text('{"conversations": ["caf\\ud800"]}\n')
+    (tmp_path / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    if argv[-1] == "nan":  # a diverged run's weights
+        file = shutil.copytree(ckpt, tmp_path / "nan") / "consolidated.00.pth"
+        weights = torch.load(file, weights_only=True)
+        weights["norm.weight"][3] = float("nan")
+        torch.save(weights, file)
     train_tokenizer(tmp_path / "other", 80)
     r = sample(*[a.format(ckpt=ckpt) for a in argv], cwd=tmp_path)
-    n = len(Tokenizer(ckpt / "tokenizer.model").encode_dialogue([argv[0]])[0])
+    n = len(Tokenizer(ckpt / "tokenizer.model").encode_dialogue([argv[0]])[0]) if "{n}" in message else 0
     assert (r.returncode, r.stderr, r.stdout) == (1, message.format(ckpt=ckpt, n=n) + "\n", "")
 
 

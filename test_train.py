@@ -1,16 +1,22 @@
 """train.py: identical updates for any world size and micro-batching, the LIMA recipe's settings, fp32 master
 weights, epoch checkpoints that load, exact resume, and refusals. Float32, tiny models, CPU (gloo)."""
+import fcntl
 import functools
+import io
 import json
 import shutil
 import subprocess
 import sys
 
+import pickle
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils.checkpoint import checkpoint
@@ -22,10 +28,18 @@ SMALL = ["--dim", "64", "--n_layers", "2", "--n_heads", "2", "--dev_samples", "0
 
 
 def train(data, out, *flags, nproc=1, script="train.py"):
-    cmd = [sys.executable, str(script), "--data", str(data), "--out", str(out), *flags]
+    cmd = [sys.executable, str(script), "--data", str(data), "--out", str(out), *map(str, flags)]
     if nproc > 1:  # --standalone: a rendezvous on a free local port, chosen by torchrun itself
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def refusals(*runs):
+    """(exit code, stderr) of train.py for each (data, out, *flags), run at once: refusals are start-up."""
+    procs = [subprocess.Popen([sys.executable, "train.py", "--data", data, "--out", out, *map(str, flags)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for data, out, *flags in runs]
+    return [(p.wait(), p.stderr.read()) for p in procs]
 
 
 def trained(data, out, *flags, nproc=1, script="train.py"):
@@ -145,10 +159,10 @@ def test_weight_decay_groups_and_lr_start(one_process, toy_data):
 
 
 def test_lima_defaults_and_fp32_master_weights_under_bf16(toy_data, tmp_path, resumed):
-    """--size 7B from a checkpoint: LIMA §3's settings for 7B, and bf16 compute keeping float32 weights and AdamW
-    state, so a 1e-5 step survives (bf16 would round it away: its spacing near 0.02 is 1.2e-4)."""
+    """--init a checkpoint: LIMA §3's settings for smaller models, and bf16 compute keeping float32 weights
+    and AdamW state, so a 1e-5 step survives (bf16 would round it away: its spacing near 0.02 is 1.2e-4)."""
     init = resumed / "epoch_02"
-    out = trained(toy_data[0], tmp_path, "--size", "7B", "--init", str(init), "--dtype", "bfloat16", "--steps", "1",
+    out = trained(toy_data[0], tmp_path, "--init", str(init), "--dtype", "bfloat16", "--steps", "1",
                   "--dev_samples", "0")
     config = log(out)[0]
     assert log(out)[0]["compute_dtype"] == "bfloat16"
@@ -223,11 +237,32 @@ def test_tiny_demo_learns_and_its_checkpoint_loads(demo_run):
 
 
 # -----------------------------------------------------------------------------
+def test_any_base_model_gets_limas_recipe(toy_data, tmp_path):
+    """A Hugging Face model of no LLaMA-1 shape, saved by transformers, is fine-tuned with LIMA's recipe for
+    smaller models (under 10B parameters: batch 64, dropout 0.2), and the log and progress output say so;
+    --size names LLaMA-1's shapes and is refused when the model has another."""
+    from test_model import hf_model
+
+    hf_model().save_pretrained(tmp_path / "hf")
+    r = train(toy_data[0], tmp_path / "out", "--init", tmp_path / "hf", "--steps", 1, "--dev_samples", 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = log(tmp_path / "out")[0]
+    assert {k: first["config"][k] for k in ("epochs", "lr", "min_lr", "batch_size", "dropout")} == \
+        dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=64, dropout=0.2)
+    preset = f"LIMA's for smaller models (under 10B parameters): {tmp_path / 'hf'} has 0.00B"
+    assert first["preset"] == preset
+    assert f"recipe: {preset}; 15 epochs, batch 64, lr 1e-05 to 1e-06" in r.stderr
+    assert "train (LIMA's recipe)" in r.stderr
+    assert refusals((toy_data[0], tmp_path / "a", "--init", tmp_path / "hf", "--size", "7B"),
+                    (toy_data[0], tmp_path / "b", "--size", "65B")) == [
+        (1, f"error: --size 7B: {tmp_path / 'hf'} is not LLaMA-1 7B (dim 64, 2 layers, 4 heads, 0.00B "
+            "parameters); leave out --size to fine-tune it as it is\n"),
+        (1, "error: --init llama/65B: no such directory (--size 65B fine-tunes llama/65B unless --init names "
+            "another)\n")]
+
+
 def test_refusals(toy_data, resumed, tmp_path):
     data, other = toy_data
-    r = train(data, tmp_path / "a", "--size", "65B")
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "error: --size 65B needs --init DIR with pretrained LLaMA weights: LIMA fine-tunes, it never trains from scratch"]
     r = train(tmp_path / "nowhere", tmp_path / "b")
     assert r.returncode == 1 and r.stderr.strip() == (
         f"error: --data {tmp_path / 'nowhere'}: no such directory (make it with: python prepare.py --out {tmp_path / 'nowhere'})")
@@ -284,6 +319,86 @@ def test_dev_samples_in_lockstep_across_ranks_and_rope_in_float32(toy_data, tmp_
     dev = torch.load(toy_data[0] / "dev.pt", weights_only=True)["conversations"]
     assert [r["prompt"] for r in rows] == [c[0] for c in dev[:3]]
     assert all(isinstance(r["response"], str) and r["epoch"] == 1 for r in rows)
+
+
+RESUMED = [*SMALL, "--epochs", "2", "--batch_size", "16", "--dropout", "0.3", "--save_epochs", "all"]
+
+
+def test_a_run_owns_its_out(toy_data, resumed, tmp_path):
+    """A fresh run into another run's --out is refused and leaves it as it was; while a train.py holds
+    OUT/.lock (here this test holds it), a second one into the same --out is refused."""
+    out = shutil.copytree(resumed, tmp_path / "out")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert refusals((toy_data[0], out, *RESUMED), (toy_data[0], out, *RESUMED, "--resume")) == [
+            (1, f"error: --out {out} holds another run (log.jsonl, resume/, epoch_NN/): continue it with "
+                "--resume, or give a fresh --out\n"),
+            (1, f"error: --out {out}: another train.py is writing there (it holds {out}/.lock); wait for it "
+                "or give another --out\n")]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_what_it_cannot_honour(toy_data, resumed, tmp_path):
+    """Each setting the saved state depends on, changed on --resume, is refused by name; a damaged state (a
+    truncated shard) is one line."""
+    out = shutil.copytree(resumed, tmp_path / "out")
+    step = out / "resume" / "step_000006"
+    damaged = shutil.copytree(out, tmp_path / "damaged") / "resume" / "step_000006"
+    (damaged / "__0_0.distcp").write_bytes((step / "__0_0.distcp").read_bytes()[:1000])
+    data, other = toy_data
+    changed = {"batch_size": (16, 20), "epochs": (2, 3), "seed": (1337, 1), "weight_decay": (0.1, 0.05)}
+    runs = [(data, out, *RESUMED, "--resume", f"--{k}", new) for k, (old, new) in changed.items()]
+    runs += [(other, out, *RESUMED, "--resume"), (data, out, *RESUMED, "--resume", "--dim", 32),
+             (data, damaged.parent.parent, *RESUMED, "--resume")]
+    tail = "; resume with the same settings, or give a fresh --out\n"
+    got = refusals(*runs)
+    assert got[:6] == [(1, f"error: --resume: {step} was trained with {why}{tail}") for why in [
+        *(f"--{k} {old}, not {new}" for k, (old, new) in changed.items()),
+        f"other data than --data {other} (its train.pt and dev.pt differ)", "another model: dim 64, not 32"]]
+    assert got[6] == (1, f"error: --resume: {damaged} cannot be loaded (EOFError())\n")
+    assert {p.name for p in out.iterdir()} == {p.name for p in resumed.iterdir()}
+
+
+class Planted:  # unpickling it creates a file
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_planted_resume_metadata_runs_no_code(toy_data, resumed, tmp_path):
+    """DCP's .metadata is a pickle, and DCP unpickles an entry it lists as "bytes" with plain pickle: a
+    planted .metadata, or a genuine-looking one whose tensor entry points at a planted pickle, is refused, and
+    the file their unpickling would create does not appear."""
+    a, b = (shutil.copytree(resumed, tmp_path / name) / "resume" / "step_000006" for name in ("a", "b"))
+    (a / ".metadata").write_bytes(pickle.dumps(Planted(tmp_path / "a.pwned")))
+    metadata = pickle.loads((b / ".metadata").read_bytes())  # written by train.py: trusted here
+    buf = io.BytesIO()
+    torch.save(Planted(tmp_path / "b.pwned"), buf)
+    (b / "planted.distcp").write_bytes(buf.getvalue())
+    metadata.state_dict_metadata["model.norm.weight"] = BytesStorageMetadata()
+    metadata.storage_data[MetadataIndex("model.norm.weight")] = _StorageInfo("planted.distcp", 0, buf.tell())
+    (b / ".metadata").write_bytes(pickle.dumps(metadata))
+    (ra, ea), (rb, eb) = refusals(*((toy_data[0], s.parent.parent, *RESUMED, "--resume") for s in (a, b)))
+    assert ra == rb == 1 and ea.count("\n") == eb.count("\n") == 1
+    assert ea.startswith(f"error: --resume: {a} cannot be loaded (")
+    assert "io.open has no place in a checkpoint's metadata" in ea
+    assert eb == f"error: --resume: {b} cannot be loaded (RuntimeError('Missing key in checkpoint " \
+                 "state_dict: model.norm.weight.'))\n"
+    assert not list(tmp_path.glob("*.pwned"))
+
+
+def test_divergence_at_an_epochs_last_step_saves_nothing(toy_data, tmp_path):
+    """lr 1e30 makes the weights non-finite at step 2, the last of epoch 1 (20 of 40 dialogues a step): the
+    run stops there, before the epoch's checkpoint and resume state would be written from them."""
+    r = train(toy_data[0], tmp_path, *SMALL, "--batch_size", 20, "--lr", 1e30, "--epochs", 2, "--save_epochs",
+              "all")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"error: non-finite weights at step 2 (epoch 1); stopped before saving it: everything in {tmp_path} "
+        "is from before it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "log.jsonl"]
 
 
 def test_non_finite_loss_stops_the_run(toy_data, tmp_path):

@@ -2,15 +2,17 @@
 Fine-tune LLaMA on LIMA's dialogues with the plain next-token loss (Zhou et al., 2023, §3).
 
     python train.py                                                     # the CPU demo: a tiny model from scratch
-    torchrun --nproc_per_node 8 train.py --size 7B --init llama/7B --data data/lima
+    torchrun --nproc_per_node 8 train.py --size 7B --data data/lima        # llama/7B, LLaMA-1 7B
+    torchrun --nproc_per_node 8 train.py --init TinyLlama-1.1B --data data/lima  # any LLaMA-family base model
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
-        train.py --size 65B --init llama/65B --data data/lima
+        train.py --size 65B --data data/lima
 
 Master weights and AdamW state stay in float32 (LIMA's 1e-6 updates vanish in bf16 weights); on CUDA the
 arithmetic runs in bf16. Under torchrun FSDP2 shards weights, gradients and AdamW state, one unit per block.
 """
-import argparse, functools, hashlib, json, math, os, shutil, sys, time, warnings
+import argparse, fcntl, functools, hashlib, io, json, logging, math, os, pickle, shutil, sys, time, warnings
 from contextlib import nullcontext
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,19 +27,23 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _hf_name, generate, hf_files,
-                   hf_rotary_order)
+from torch.distributed.checkpoint import CheckpointException, metadata as dcp_metadata
+
+from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _hf_name, expected_shapes, generate,
+                   hf_files, hf_rotary_order)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-p.add_argument("--size", default="tiny", help="tiny (from scratch, for a CPU) or 7B, 13B, 33B, 65B (with --init)")
-p.add_argument("--init", help="pretrained LLaMA directory, Meta or Hugging Face layout")
+p.add_argument("--size", help="LLaMA-1's 7B, 13B, 33B (30B) or 65B: fine-tunes llama/SIZE unless --init "
+               "names it; tiny (the default without --init): the CPU demo, from scratch")
+p.add_argument("--init", help="pretrained LLaMA-family directory, Meta or Hugging Face layout, any size: "
+               "fine-tuned with LIMA's recipe")
 p.add_argument("--data", default="data/prepared", help="prepare.py's output")
 p.add_argument("--out", default="out")
 p.add_argument("--epochs", type=int, help="LIMA: 15")
 p.add_argument("--lr", type=float, help="LIMA: 1e-5 at the first step, no warmup")
 p.add_argument("--min_lr", type=float, help="LIMA: 1e-6 at the last step, linearly")
-p.add_argument("--batch_size", type=int, help="dialogues per optimizer step; LIMA: 32, 64 for 7B")
-p.add_argument("--dropout", type=float, help="residual dropout at the top layer; LIMA: 0.3, 0.2 for 7B")
+p.add_argument("--batch_size", type=int, help="dialogues per optimizer step; LIMA: 32, 64 under 10B")
+p.add_argument("--dropout", type=float, help="residual dropout at the top layer; LIMA: 0.3, 0.2 under 10B")
 p.add_argument("--weight_decay", type=float, default=0.1)
 p.add_argument("--beta1", type=float, default=0.9)
 p.add_argument("--beta2", type=float, default=0.95)
@@ -56,24 +62,33 @@ for k in ("dim", "n_layers", "n_heads"):
     p.add_argument(f"--{k}", type=int, help="tiny only: the model's shape")
 args = p.parse_args()
 
-# LIMA §3 by default; tiny learns from scratch on a CPU in minutes, so it takes far larger steps
-LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, batch_size=32, dropout=0.3, act_ckpt=1, max_new_tokens=128)
-SIZES = {"tiny": dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, act_ckpt=0,
-                      max_new_tokens=256),
-         "7B": dict(batch_size=64, dropout=0.2)}  # "64 for smaller models"
-for k, v in {**LIMA, **SIZES.get(args.size, {})}.items():
-    setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-
+# LIMA §3 for any pretrained model: batch 64 and dropout 0.2 for "smaller models" (the paper names 7B; here:
+# under 10B parameters), 32 and 0.3 above; dev answers are a 128-token preview (README: LIMA's 2,048 cost
+# hours at 65B). tiny learns from scratch on a CPU in minutes: far larger steps
+LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, act_ckpt=1, max_new_tokens=128)
+TINY = dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, act_ckpt=0,
+            max_new_tokens=256)
+SMALLER, LARGER = dict(batch_size=64, dropout=0.2), dict(batch_size=32, dropout=0.3)
 fail = lambda msg: sys.exit(f"error: {msg}")  # one line, no traceback
+fill = lambda preset: vars(args).update({k: v for k, v in preset.items() if vars(args)[k] is None})
+if args.size not in (None, "tiny", "7B", "13B", "30B", "33B", "65B"):
+    fail(f"--size {args.size}: expected 7B, 13B, 33B (or 30B), 65B or tiny; another base model: --init DIR")
+if args.size == "tiny" and args.init:
+    fail("--size tiny is the demo from scratch: leave it out to fine-tune --init with LIMA's recipe")
+if args.size not in (None, "tiny"):  # the README's layout
+    args.init = args.init or f"llama/{args.size}"
+if args.init and not Path(args.init).is_dir():
+    fail(f"--init {args.init}: no such directory" + (
+        f" (--size {args.size} fine-tunes llama/{args.size} unless --init names another)" * bool(args.size)))
+fill(LIMA if args.init else TINY)  # batch size and dropout of a pretrained model: once its size is known
 for ok, flag, want in [
-        (args.size in ("tiny", "7B", "13B", "30B", "33B", "65B"), "size", "tiny, 7B, 13B, 33B (or 30B) or 65B"),
-        (args.epochs >= 1, "epochs", ">= 1"), (args.batch_size >= 1, "batch_size", ">= 1"), (args.lr > 0, "lr", "> 0"),
-        (0 <= args.dropout < 1, "dropout", "in [0, 1)"), (args.max_len >= 2, "max_len", ">= 2"),
-        (args.tokens_per_micro >= 1, "tokens_per_micro", ">= 1"), (args.dev_samples >= 0, "dev_samples", ">= 0")]:
+        (args.epochs >= 1, "epochs", ">= 1"), (args.batch_size is None or args.batch_size >= 1, "batch_size",
+                                                ">= 1"),
+        (args.lr > 0, "lr", "> 0"), (0 <= (args.dropout or 0) < 1, "dropout", "in [0, 1)"),
+        (args.max_len >= 2, "max_len", ">= 2"), (args.tokens_per_micro >= 1, "tokens_per_micro", ">= 1"),
+        (args.dev_samples >= 0, "dev_samples", ">= 0")]:
     if not ok:
         fail(f"--{flag} {getattr(args, flag)}: expected {want}")
-if args.size != "tiny" and not args.init:
-    fail(f"--size {args.size} needs --init DIR with pretrained LLaMA weights: LIMA fine-tunes, it never trains from scratch")
 spec = f"1-{args.epochs}" if args.save_epochs == "all" else args.save_epochs
 a, _, b = spec.partition("-")
 try:  # the last epoch is always saved
@@ -97,6 +112,16 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullco
 out = Path(args.out)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process: that is the intent
 
+
+def check_out():  # a run owns its --out: a fresh run never writes over another's log, resume state or epochs
+    if not args.resume and out.is_dir() and any(f.name in ("log.jsonl", "resume") or
+                                                f.name.startswith("epoch_") for f in out.iterdir()):
+        fail(f"--out {out} holds another run (log.jsonl, resume/, epoch_NN/): continue it with --resume, "
+             f"or give a fresh --out")
+
+
+check_out()  # now, and again under the lock before writing anything
+
 # -----------------------------------------------------------------------------
 # data: prepare.py's token ids and loss masks (true on the assistant's tokens and their EOT)
 data = Path(args.data)
@@ -104,7 +129,9 @@ if not data.is_dir():
     fail(f"--data {data}: no such directory (make it with: python prepare.py --out {data})")
 try:
     tokenizer = Tokenizer(data / "tokenizer.model")
-    train, dev = (torch.load(data / f"{split}.pt", weights_only=True) for split in ("train", "dev"))
+    blobs = [(data / f"{split}.pt").read_bytes() for split in ("train", "dev")]
+    train, dev = (torch.load(io.BytesIO(b), weights_only=True) for b in blobs)
+    data_sha = hashlib.sha256(b"".join(blobs)).hexdigest()  # what a resumed run must train on again
     sha = hashlib.sha256((data / "tokenizer.model").read_bytes()).hexdigest()
 except Exception as e:
     fail(f"--data {data}: cannot read tokenizer.model, train.pt and dev.pt ({e}); run prepare.py")
@@ -133,7 +160,7 @@ if master and args.init:
     if tok and hashlib.sha256(tok.read_bytes()).hexdigest() != sha:
         fail(f"{tok} differs from {data / 'tokenizer.model'}: prepare the data with the checkpoint's tokenizer")
     try:
-        src = Transformer.from_pretrained(args.init, vocab_size=n_words, dropout=args.dropout)  # LIMA §2: adds EOT
+        src = Transformer.from_pretrained(args.init, vocab_size=n_words)  # LIMA §2: adds EOT
     except (CheckpointError, FileNotFoundError) as e:
         fail(str(e))
 elif master:
@@ -144,6 +171,39 @@ elif master:
 model_args = [src.args if master else None]
 if distributed:
     dist.broadcast_object_list(model_args, src=0)
+shape = model_args[0]
+if args.init:  # LIMA's recipe for any base model: its parameter count picks the batch size and dropout
+    count = sum(math.prod(s) for s in expected_shapes(shape).values())
+    fill(SMALLER if count < 10e9 else LARGER)
+    preset = f"LIMA's for {'smaller models (under' if count < 10e9 else 'larger models (over'} 10B " \
+             f"parameters): {args.init} has {count / 1e9:.2f}B"
+    llama = ModelArgs.from_size(args.size) if args.size else shape
+    if (shape.dim, shape.n_layers, shape.n_heads) != (llama.dim, llama.n_layers, llama.n_heads):
+        fail(f"--size {args.size}: {args.init} is not LLaMA-1 {args.size} (dim {shape.dim}, {shape.n_layers} "
+             f"layers, {shape.n_heads} heads, {count / 1e9:.2f}B parameters); leave out --size to fine-tune "
+             f"it as it is")
+else:
+    preset = "the tiny demo's, from scratch (not LIMA's: far larger steps, for a CPU)"
+shape.dropout = args.dropout
+# what the resume state depends on (world size and micro-batching change nothing: see the loss below)
+run = {k: vars(args)[k] for k in ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "beta1", "beta2",
+                                  "seed", "max_len", "dropout")}
+run = json.loads(json.dumps({**run, "data": data_sha, "model": asdict(shape)}))  # as run.json reads back
+if args.resume:
+    saved = sorted((out / "resume").glob("step_*"))
+    if not saved:
+        fail(f"--resume: nothing saved in {out / 'resume'}")
+    try:
+        was = json.loads((saved[-1] / "run.json").read_text())
+        bad = next((k for k in run if was[k] != run[k]), None)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        fail(f"--resume: {saved[-1]} is not a resume state written by this train.py ({e!r})")
+    if bad:
+        fail(f"--resume: {saved[-1]} was trained with " + (
+            f"other data than --data {data} (its train.pt and dev.pt differ)" if bad == "data" else
+            "another model: " + ", ".join(f"{k} {v}, not {run[bad].get(k)}" for k, v in was[bad].items()
+                                          if v != run[bad].get(k)) if bad == "model" else
+            f"--{bad} {was[bad]}, not {run[bad]}") + "; resume with the same settings, or give a fresh --out")
 with torch.device("meta"):
     model = Transformer(model_args[0])
 if args.act_ckpt:  # keep only each block's input; recompute the rest in the backward pass
@@ -301,19 +361,55 @@ def save_epoch(epoch, dev_loss):
     shutil.rmtree(old, ignore_errors=True)
 
 
+class Unpickler(pickle.Unpickler):  # DCP's metadata is a pickle: let it build DCP's records, torch types only
+    def find_class(self, module, name):
+        if (module == dcp_metadata.__name__ and name in (*dcp_metadata.__all__, "_MEM_FORMAT_ENCODING")) or \
+                (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                   ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                                   ("pathlib", "PosixPath")} or \
+                (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's metadata")
+
+
+class Reader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = Unpickler(f).load()
+        # only tensors are read back: DCP would unpickle an entry stored as "bytes" with plain pickle
+        metadata.state_dict_metadata = {k: v for k, v in metadata.state_dict_metadata.items()
+                                        if not isinstance(v, dcp_metadata.BytesStorageMetadata)}
+        return metadata
+
+
+if master:  # rank 0 holds OUT/.lock while the run lives: a second train.py into this --out is refused
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"--out {out}: another train.py is writing there (it holds {out / '.lock'}); wait for it or "
+             f"give another --out")
+    check_out()
 start = 0
 if args.resume:  # data order, dropout masks and lr are functions of the step: weights and AdamW state are all we need
-    saved = sorted((out / "resume").glob("step_*"))
-    if not saved:
-        fail(f"--resume: nothing saved in {out / 'resume'}")
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=saved[-1])
+    logging.disable(logging.WARNING)  # DCP logs a failed read's traceback, then raises: one line says it
+    try:  # tensors only: the param groups (pickled, "bytes") are what the flags give
+        dcp.load({"model": model_state, "optim": {"state": optim_state["state"]}},
+                 storage_reader=Reader(saved[-1]))
+    except (Exception, CheckpointException) as e:  # damaged, foreign or hostile
+        e = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        fail(f"--resume: {saved[-1]} cannot be loaded ({e!r})")
+    logging.disable(logging.NOTSET)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     start = int(saved[-1].name[5:])
 if master:  # OUT/log.jsonl: one JSON object a line, the settings first with LIMA's defaults filled in
-    out.mkdir(parents=True, exist_ok=True)
+    print(f"recipe: {preset}; {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} to "
+          f"{args.min_lr:g}, dropout {args.dropout}", file=sys.stderr)
     logf = open(out / "log.jsonl", "a" if args.resume else "w", buffering=1)
-    print(json.dumps({"config": vars(args), "world_size": world, "compute_dtype": "bfloat16" if bf16 else "float32"}), file=logf)
+    print(json.dumps({"config": vars(args), "preset": preset, "world_size": world,
+                      "compute_dtype": "bfloat16" if bf16 else "float32"}), file=logf)
 
 # -----------------------------------------------------------------------------
 end = min(total_steps, args.steps or total_steps)
@@ -323,7 +419,10 @@ gpu = torch.cuda.get_device_name() if device.type == "cuda" else ""  # H100 SXM,
 peak = args.peak_flops or {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
                            "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
                            }.get(gpu, 312e12 if "A100" in gpu else None)
-bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not master, desc="train")
+bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not master,
+           desc="train (LIMA's recipe)" if args.init else "train (tiny demo)")
+diverged = lambda what: fail(f"non-finite {what} at step {step + 1} (epoch {epoch + 1}); stopped before "
+                             f"saving it: everything in {out} is from before it")  # checked before any save
 model.train()
 for step in bar:
     t0 = time.time()
@@ -344,7 +443,7 @@ for step in bar:
         loss_sum, pad = loss_sum + loss.detach(), pad + padded  # no host sync per micro-batch
     loss_sum, pad = all_sum(loss_sum.item(), pad)
     if not math.isfinite(loss_sum):
-        fail(f"non-finite loss at step {step + 1} (epoch {epoch + 1}); the checkpoints in {out} are from before it")
+        diverged("loss")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lengths = [len(train["ids"][i]) - 1 for i in batch]
@@ -358,21 +457,27 @@ for step in bar:
         bar.set_postfix(loss=f"{log['loss']:.3f}", lr=f"{log['lr']:.1e}", tok_s=log["tokens_per_s"],
                         **({"mfu": f"{log['mfu']:.0%}"} if peak else {}))
         print(json.dumps(log), file=logf)
+    saving = k == steps_per_epoch - 1 or step + 1 == end
+    if saving and all_sum(torch.stack([~torch.isfinite(q.to_local() if hasattr(q, "to_local") else q).all()
+                                       for q in params]).any().item())[0]:
+        diverged("weights")
     if k == steps_per_epoch - 1:  # end of an epoch
         dev_loss = evaluate()
+        if dev_loss is not None and not math.isfinite(dev_loss):
+            diverged("dev loss")
         if master:
             tqdm.write(f"epoch {epoch + 1}: dev loss {dev_loss}")
             print(json.dumps({"epoch": epoch + 1, "dev_loss": dev_loss}), file=logf)
         if epoch + 1 in save_epochs:
             save_epoch(epoch + 1, dev_loss)
-    if k == steps_per_epoch - 1 or step + 1 == end:  # weights, AdamW state and step; each rank writes its shards
+    if saving:  # weights, AdamW state and step; each rank writes its shards
         model_state, optim_state = get_state_dict(model, optimizer)
         tmp, final = out / "resume" / f".tmp_step_{step + 1:06d}", out / "resume" / f"step_{step + 1:06d}"
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-        if master:
-            shutil.rmtree(final, ignore_errors=True)
+        if master:  # a new step number: one atomic rename puts it in place, then the older states go
+            (tmp / "run.json").write_text(json.dumps(run))
             tmp.rename(final)
-            for old in (out / "resume").glob("step_*"):
+            for old in (out / "resume").iterdir():
                 if old != final:
                     shutil.rmtree(old)
 bar.close()
