@@ -27,26 +27,35 @@ def tiny_model(vocab=48, max_seq_len=128, seed=0):
     return model.eval()
 
 
+def seen(logits, generated):
+    """The penalty's mask (B, vocab) of the tokens in each row of generated."""
+    mask = torch.zeros(logits.shape, dtype=torch.bool)
+    for row, ids in zip(mask, generated):
+        row[ids] = True
+    return mask
+
+
 def greedy_reference(model, ids, n, penalty=1.0, stop_id=NEVER):
     """Greedy answer by a full forward pass over the whole sequence at every step, no cache."""
     seq = list(ids)
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor([seq]))[:, -1]
-            seq.append(penalize(logits, torch.tensor([seq[len(ids):]]), penalty).argmax(-1).item())
+            seq.append(penalize(logits, seen(logits, [seq[len(ids):]]), penalty).argmax(-1).item())
             if seq[-1] == stop_id:
                 break
     return seq[len(ids):]
 
 
 def run_generate(model, prompts, n, stop_id=NEVER, **kw):
-    """generate's per-row answers, each cut after its stop_id."""
+    """generate's per-row answers: a row that has ended yields -1."""
     rows = [[] for _ in prompts]
     for nxt in generate(model, prompts, stop_id, n, **kw):
         for row, t in zip(rows, nxt.tolist()):
-            if not row or row[-1] != stop_id:
-                row.append(t)
-    return rows
+            row.append(t)
+    answers = [[t for t in row if t >= 0] for row in rows]
+    assert all(row == a + [-1] * (len(row) - len(a)) for row, a in zip(rows, answers))  # -1 once ended, to the end
+    return answers
 
 
 # -----------------------------------------------------------------------------
@@ -119,7 +128,7 @@ def test_top_p_on_random_distributions():
 
 def test_repetition_penalty_sign_rule():
     logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 0.0, 1.5], [2.0, -1.0, 0.5, -3.0, 0.0, 1.5]])
-    generated = torch.tensor([[0, 1, 1], [3, 4, 4]])  # a repeated token is penalised once
+    generated = seen(logits, [[0, 1, 1], [3, 4, 4]])  # a repeated token is penalised once
     want = logits.clone()
     want[0, 0], want[0, 1], want[1, 3] = 2.0 / 2, -1.0 * 2, -3.0 * 2  # divide positive, multiply negative
     assert torch.equal(penalize(logits, generated, 2.0), want)  # every other logit (and the 0.0 one) untouched
@@ -127,8 +136,9 @@ def test_repetition_penalty_sign_rule():
     assert torch.allclose(penalize(logits, generated, 1.2), want, rtol=1e-6, atol=0)
     assert torch.equal(penalize(logits, generated, 1.0), logits)
     # through the sampler: penalising the winner hands the argmax to the runner-up, whatever the sign
-    assert sample_token(torch.tensor([[3.0, 2.6, 0.0]]), torch.tensor([[0]]), temperature=0).item() == 1
-    assert sample_token(torch.tensor([[-1.0, -1.1, -5.0]]), torch.tensor([[0]]), temperature=0).item() == 1
+    first = torch.tensor([[True, False, False]])
+    assert sample_token(torch.tensor([[3.0, 2.6, 0.0]]), first, temperature=0).item() == 1
+    assert sample_token(torch.tensor([[-1.0, -1.1, -5.0]]), first, temperature=0).item() == 1
     assert sample_token(torch.tensor([[-1.0, -1.1, -5.0]]), None, temperature=0).item() == 0
 
 
