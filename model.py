@@ -441,16 +441,17 @@ def top_p_filter(probs, top_p: float, k: int = 64):
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
 
-    def keep(sorted_probs, order):
+    def keep(sorted_probs, order, top_p):
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
         return torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(before >= top_p, 0.0))
 
     top, order = probs.topk(min(k, probs.shape[-1]))
     covered = (top.cumsum(-1)[..., -1] >= top_p).all()  # the sum the full sort's running sum reaches at k
     if torch.compiler.is_compiling():  # in a compiled graph: no host sync (eager torch.cond would compile each call)
-        return torch.cond(covered, lambda top, order, probs: keep(top, order),
-                          lambda top, order, probs: keep(*probs.sort(-1, descending=True)), (top, order, probs))
-    return keep(top, order) if covered else keep(*probs.sort(-1, descending=True))
+        return torch.cond(covered, lambda top, order, probs, p: keep(top, order, p),
+                          lambda top, order, probs, p: keep(*probs.sort(-1, descending=True), p),
+                          (top, order, probs, torch.tensor(top_p, device=probs.device)))
+    return keep(top, order, top_p) if covered else keep(*probs.sort(-1, descending=True), top_p)
 
 
 def penalize(logits, seen, penalty: float):
@@ -471,12 +472,6 @@ def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penal
     cdf = top_p_filter(F.softmax(logits / temperature, dim=-1), top_p).cumsum(-1)
     u = torch.rand(len(logits), 1, device=logits.device) if u is None else u
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # a zero-probability token never
-
-
-def decode_step(model, tokens, pos, seen, u, temperature, top_p, repetition_penalty):
-    """One token per row at positions pos (B,): the fixed-shape step that torch.compile makes one graph."""
-    logits = model(tokens[:, None], pos[:, None])[:, -1]
-    return sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
 
 
 @torch.no_grad()
@@ -503,12 +498,16 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
     if own_cache:
         model.setup_cache(B, start_pos + max(L, int((lens + limits).max())))
     end = model.causal.shape[0] - 1
-    step = decode_step
+
+    def step(tokens, pos, seen, u):  # one token per row at positions pos (B,): fixed shapes, one compiled graph
+        logits = model(tokens[:, None], pos[:, None])[:, -1]
+        return sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
+
     if compile:
         for layer in model.layers:  # lets a CUDA graph write the cache in place
             torch._dynamo.mark_static_address(layer.attention.cache_k)
             torch._dynamo.mark_static_address(layer.attention.cache_v)
-        step = torch.compile(decode_step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+        step = torch.compile(step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     try:
         logits = model(tokens, start_pos + torch.arange(L, device=device).expand(B, L))
         logits = logits[torch.arange(B, device=device), lens - 1]  # after each row's last prompt token
@@ -520,7 +519,7 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
                 nxt = sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
             else:  # feed the last token (done rows feed something, at most into the cache's last slot)
                 pos = (start_pos + lens + k - 1).clamp(max=end)
-                nxt = step(model, nxt.clamp(min=0), pos, seen, u, temperature, top_p, repetition_penalty)
+                nxt = step(nxt.clamp(min=0), pos, seen, u)
             nxt = torch.where(done, -1, nxt)
             yield nxt
             seen.scatter_(1, nxt.clamp(min=0)[:, None], True)  # a finished row's is never read

@@ -162,6 +162,69 @@ def test_batched_greedy_equals_one_at_a_time():
     assert run_generate(model, prompts, 20, stop_id=stop, temperature=0) == single
 
 
+def test_each_prompt_has_its_own_budget():
+    """A prompt near the end of the context gets the few tokens it has room for; the others in its batch still get
+    max_new_tokens, as they would alone."""
+    model = tiny_model(max_seq_len=32)
+    prompts = [[1, 5], list(range(1, 30)), [1, 6, 6, 8, 10]]  # the second has room for 3 tokens
+    single = [run_generate(model, [p], 10, temperature=0)[0] for p in prompts]
+    assert [len(a) for a in single] == [10, 3, 10]
+    assert run_generate(model, prompts, 10, temperature=0) == single
+    assert run_generate(model, [prompts[0], list(range(32))], 10, temperature=0) == [single[0], []]  # no room at all
+
+
+def full_sort_top_p(probs, top_p):
+    """The nucleus by sorting the whole vocabulary."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= top_p] = 0.0
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def test_top_k_shortcut_equals_the_full_sort():
+    """Ranking only the 64 most likely tokens gives exactly the full sort's nucleus when they hold top_p, and the
+    full sort is taken when they do not."""
+    torch.manual_seed(0)
+    fallbacks = 0
+    for scale in [0.5, 2, 4, 8, 16]:  # from nearly flat to peaked
+        probs = torch.softmax(scale * torch.randn(8, 32001), -1)
+        for p in [0.1, 0.5, 0.9, 0.99]:
+            fallbacks += (probs.topk(64).values.sum(-1) < p).any().item()
+            assert torch.equal(top_p_filter(probs, p), full_sort_top_p(probs, p)), (scale, p)
+    assert 0 < fallbacks < 20  # both branches were taken
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])  # the nucleus beyond the top 64 (full sort), and within it
+def test_sampled_tokens_follow_the_filtered_distribution(scale):
+    torch.manual_seed(0)
+    logits = scale * torch.randn(1, 300)
+    seen = torch.zeros(1, 300, dtype=torch.bool)
+    seen[0, logits[0].topk(3).indices[1:]] = True  # the penalty demotes the second and third most likely
+    want = full_sort_top_p(torch.softmax(penalize(logits, seen, 1.2) / 0.7, -1), 0.9)[0]
+    assert ((want > 0).sum() > 64) == (scale == 1.0)
+    n = 40000
+    u = torch.rand(n, 1, generator=torch.Generator().manual_seed(1))
+    tokens = sample_token(logits.expand(n, -1), seen.expand(n, -1), 0.7, 0.9, 1.2, u)
+    freq = torch.bincount(tokens, minlength=300) / n
+    want = want / want.sum()
+    assert (freq[want == 0] == 0).all()  # never a token outside the nucleus
+    assert ((freq - want).abs() <= 4 * (want * (1 - want) / n).sqrt() + 1e-4).all()  # within 4 standard errors
+
+
+def test_compiled_decode_step_is_one_graph_and_decodes_the_same(monkeypatch):
+    """generate(compile=True) traces the decode step whole (fullgraph: the nucleus branch included) and yields the
+    same tokens as eager, greedy and sampled (with this model, LIMA's sampling ranks only the top 64 tokens; at
+    temperature 1.5 and top_p 0.98 it sorts them all). The graph runs on dynamo's eager backend: a fast test."""
+    model = tiny_model(vocab=100)
+    prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6, 7]]
+    settings = [dict(temperature=0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.5, top_p=0.98)]
+    eager = [run_generate(model, prompts, 10, **kw, generator=torch.Generator().manual_seed(0)) for kw in settings]
+    compiled = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled(fn, **{**kw, "backend": "eager"}))
+    got = [run_generate(model, prompts, 10, **kw, generator=torch.Generator().manual_seed(0), compile=True)
+           for kw in settings]
+    assert got == eager and len({str(a) for a in got}) == 3
+
+
 # -----------------------------------------------------------------------------
 # The command line, on a checkpoint in Meta's layout: params.json, consolidated.00.pth, tokenizer.model
 
