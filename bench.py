@@ -69,8 +69,9 @@ if args.mode == "decode":
     # a trained model's is peaked (the top 64 tokens hold 90% at temperature 0.7): scale the output to match
     with torch.no_grad():
         model.output.weight.mul_(150)
-    if device.type == "cpu" and not args.row_major:
-        model.column_major()  # as sample.py does
+    if device.type == "cpu" and not args.row_major:  # as sample.py does
+        for m in filter(lambda m: isinstance(m, torch.nn.Linear), model.modules()):
+            m.weight.data = m.weight.data.t().contiguous().t()
 
 hf = None
 if not args.no_hf:
@@ -130,7 +131,7 @@ else:
     B, T = args.batch_size, args.seq_len
     n = sum(p.numel() for k, p in model.named_parameters() if "tok_embeddings" not in k)
     flops = 6 * n + 12 * margs.n_layers * margs.dim * T
-    x = torch.randint(0, margs.vocab_size, (B, T + 1), device=device)
+    x, y = torch.randint(0, margs.vocab_size, (2, B, T), device=device)  # inputs and their next tokens
 
     def trainer(net, loss_of):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
@@ -143,9 +144,9 @@ else:
         return B * T * args.steps / best(run)
 
     print(f"matmul {peak / 1e12:.2f} TFLOP/s; {flops / 1e6:.1f} MFLOP per token")
-    ours_tps = trainer(model, lambda m: F.cross_entropy(m(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten()))
+    ours_tps = trainer(model, lambda m: F.cross_entropy(m(x).flatten(0, 1).float(), y.flatten()))
     print(f"lima:         {ours_tps:8,.0f} tokens/s  MFU {ours_tps * flops / peak:5.1%}  (batch {B} x {T} tokens)")
     if hf is not None:
         hf.train()
-        hf_tps = trainer(hf, lambda m: m(x[:, :-1], labels=x[:, 1:], shift_labels=x[:, 1:]).loss)
+        hf_tps = trainer(hf, lambda m: m(x, labels=y, shift_labels=y).loss)
         print(f"transformers: {hf_tps:8,.0f} tokens/s  MFU {hf_tps * flops / peak:5.1%}  (lima {ours_tps / hf_tps:.2f}x)")

@@ -179,15 +179,6 @@ class Transformer(nn.Module):
             layer.attention.cache_k = layer.attention.cache_v = None
 
     @torch.no_grad()
-    def column_major(self):
-        """Store each weight matrix transposed in memory (same values, shapes and names): a CPU's matrix-vector
-        product reads it up to 3x faster (bench.py decode). For decoding on a CPU."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.data = m.weight.t().contiguous().t()
-        return self
-
-    @torch.no_grad()
     def grow_vocab(self, vocab_size: int):
         """Add rows for new tokens (LIMA's EOT) to the embedding and output matrices, each initialised to the
         mean of the existing rows, so the new token starts as an 'average' token rather than noise."""
@@ -471,7 +462,7 @@ def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penal
         return logits.argmax(-1)
     cdf = top_p_filter(F.softmax(logits / temperature, dim=-1), top_p).cumsum(-1)
     u = torch.rand(len(logits), 1, device=logits.device) if u is None else u
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # a zero-probability token never
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # never a token of probability 0
 
 
 @torch.no_grad()
@@ -491,13 +482,11 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
     limits = [min(max_new_tokens, context - start_pos - n) for n in lens]  # each row's own room
     if max(limits) < 1:
         return
-    tokens = torch.zeros(B, L, dtype=torch.long, device=device)  # right-padded: rows start at the same position
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    lens, limits = torch.tensor(lens, device=device), torch.tensor(limits, device=device)
     if own_cache:
-        model.setup_cache(B, start_pos + max(L, int((lens + limits).max())))
-    end = model.causal.shape[0] - 1
+        model.setup_cache(B, start_pos + max(L, max(n + m for n, m in zip(lens, limits))))
+    last = model.causal.shape[0] - 1
+    steps, lens, limits = max(limits), torch.tensor(lens, device=device), torch.tensor(limits, device=device)
+    tokens = torch.tensor([p + [0] * (L - len(p)) for p in prompts], device=device)  # right-padded: all start at 0
 
     def step(tokens, pos, seen, u):  # one token per row at positions pos (B,): fixed shapes, one compiled graph
         logits = model(tokens[:, None], pos[:, None])[:, -1]
@@ -513,12 +502,12 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
         logits = logits[torch.arange(B, device=device), lens - 1]  # after each row's last prompt token
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
         done = limits < 1
-        for k in range(int(limits.max())):
+        for k in range(steps):
             u = torch.rand(B, 1, generator=generator, device=device)
             if k == 0:
                 nxt = sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
             else:  # feed the last token (done rows feed something, at most into the cache's last slot)
-                pos = (start_pos + lens + k - 1).clamp(max=end)
+                pos = (start_pos + lens + k - 1).clamp(max=last)
                 nxt = step(nxt.clamp(min=0), pos, seen, u)
             nxt = torch.where(done, -1, nxt)
             yield nxt
