@@ -64,7 +64,7 @@ class RMSNorm(nn.Module):
 
 
 def rope(head_dim: int, positions, theta: float) -> tuple:
-    """cos and sin of the rotation angles pos * theta^(-2i/head_dim), shape (*positions.shape, head_dim/2), float32."""
+    """cos and sin of the angles pos * theta^(-2i/head_dim), float32, shape (*positions.shape, head_dim/2)."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * freqs
     return angles.cos(), angles.sin()
@@ -95,7 +95,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if pos is not None:  # decoding: keys and values go to their positions in the cache, attend over all of it
+        if pos is not None:  # decoding: keys and values go to their positions in the cache, read whole
             where = pos[:, None, :, None].expand_as(k)
             k, v = self.cache_k.scatter_(2, where, k), self.cache_v.scatter_(2, where, v)
         # grouped-query: each key/value head serves n_heads/n_kv_heads queries
@@ -126,7 +126,8 @@ class Block(nn.Module):
         self.dropout = args.dropout * layer_id / max(1, args.n_layers - 1)
 
     def forward(self, x, cos, sin, pos=None, mask=None):
-        h = x + F.dropout(self.attention(self.attention_norm(x), cos, sin, pos, mask), self.dropout, self.training)
+        h = x + F.dropout(self.attention(self.attention_norm(x), cos, sin, pos, mask), self.dropout,
+                          self.training)
         return h + F.dropout(self.feed_forward(self.ffn_norm(h)), self.dropout, self.training)
 
 
@@ -147,23 +148,23 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, pos=None):
-        """tokens (B, T) -> logits (B, T, vocab), each token attending to those before it. Decoding (setup_cache):
-        pos (B, T) are the tokens' positions; their keys and values are cached there and each attends to every
-        cached position up to its own, so a row's tokens sit at their own positions whatever its batch."""
+        """tokens (B, T) -> logits (B, T, vocab), each token attending to those before it. Decoding
+        (setup_cache): pos (B, T) are the tokens' positions; their keys and values are cached there and each
+        attends to every cached position up to its own, so each row sits at its own positions."""
         h = self.tok_embeddings(tokens)
+        mask = None
         if pos is None:
-            cos, sin = rope(self.args.dim // self.args.n_heads, torch.arange(tokens.shape[1], device=tokens.device),
-                            self.args.rope_theta)
-            mask = None
-        else:  # the tables made once per cache: rows of positions
-            cos, sin, mask = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], self.causal[pos][:, None]
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            cos, sin = rope(self.args.dim // self.args.n_heads, positions, self.args.rope_theta)
+        else:  # rows of the tables made once per cache
+            cos, sin, mask = (table[pos][:, None] for table in (self.rope_cos, self.rope_sin, self.causal))
         for layer in self.layers:
             h = layer(h, cos, sin, pos, mask)
         return self.output(self.norm(h))
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None):
-        """Allocate a key/value cache for decoding up to max_len positions (prompt included), and the RoPE angles
-        (float32, whatever the model's dtype) and causal mask of those positions."""
+        """Allocate a key/value cache for decoding up to max_len positions (prompt included), and the RoPE
+        angles (float32, whatever the model's dtype) and causal mask of those positions."""
         p = self.output.weight
         for layer in self.layers:
             a = layer.attention
@@ -171,7 +172,8 @@ class Transformer(nn.Module):
             a.cache_k = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
             a.cache_v = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
         positions = torch.arange(max_len, device=p.device)
-        self.rope_cos, self.rope_sin = rope(self.args.dim // self.args.n_heads, positions, self.args.rope_theta)
+        head_dim = self.args.dim // self.args.n_heads
+        self.rope_cos, self.rope_sin = rope(head_dim, positions, self.args.rope_theta)
         self.causal = positions[None, :] <= positions[:, None]
 
     def clear_cache(self):
@@ -426,9 +428,9 @@ class Tokenizer:
 
 
 def top_p_filter(probs, top_p: float, k: int = 64):
-    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p. When the k most
-    likely tokens already reach it (nearly always, after a softmax at temperature 0.7) only they are ranked, else
-    the whole vocabulary is sorted: the same result either way."""
+    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p. When the k
+    most likely tokens already reach it (nearly always, after a softmax at temperature 0.7) only they are
+    ranked, else the whole vocabulary is sorted: the same result either way."""
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
 
@@ -438,7 +440,7 @@ def top_p_filter(probs, top_p: float, k: int = 64):
 
     top, order = probs.topk(min(k, probs.shape[-1]))
     covered = (top.cumsum(-1)[..., -1] >= top_p).all()  # the sum the full sort's running sum reaches at k
-    if torch.compiler.is_compiling():  # in a compiled graph: no host sync (eager torch.cond would compile each call)
+    if torch.compiler.is_compiling():  # no host sync in a graph (eager torch.cond would compile at each call)
         return torch.cond(covered, lambda top, order, probs, p: keep(top, order, p),
                           lambda top, order, probs, p: keep(*probs.sort(-1, descending=True), p),
                           (top, order, probs, torch.tensor(top_p, device=probs.device)))
@@ -468,12 +470,12 @@ def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penal
 @torch.no_grad()
 def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperature=0.7, top_p=0.9,
              repetition_penalty=1.2, generator=None, start_pos: int = 0, compile: bool = False):
-    """Decode a batch of prompts (lists of ids) with a KV cache; yields a (B,) tensor of next tokens per step, one
-    model forward each. A row ends after stop_id, max_new_tokens or the end of the context, just as it would
-    alone, and yields -1 from then on; the last token yielded is not fed to the model. If the model already has
-    a cache (setup_cache), one prompt continues what it holds at positions < start_pos (a chat's earlier turns)
-    and the cache is kept; otherwise one is made for this call. compile: the decode step through torch.compile
-    (on CUDA a CUDA graph)."""
+    """Decode a batch of prompts (lists of ids) with a KV cache; yields a (B,) tensor of next tokens per step,
+    one model forward each. A row ends after stop_id, max_new_tokens or the end of the context, just as it
+    would alone, and yields -1 from then on; the last token yielded is not fed to the model. If the model has
+    a cache (setup_cache), one prompt continues what it holds at positions < start_pos (a chat's earlier
+    turns) and the cache is kept; otherwise one is made for this call. compile: the decode step through
+    torch.compile (on CUDA a CUDA graph)."""
     device = model.output.weight.device
     B, L = len(prompts), max(map(len, prompts))
     own_cache = model.layers[0].attention.cache_k is None
@@ -486,9 +488,9 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
         model.setup_cache(B, start_pos + max(L, max(n + m for n, m in zip(lens, limits))))
     last = model.causal.shape[0] - 1
     steps, lens, limits = max(limits), torch.tensor(lens, device=device), torch.tensor(limits, device=device)
-    tokens = torch.tensor([p + [0] * (L - len(p)) for p in prompts], device=device)  # right-padded: all start at 0
+    tokens = torch.tensor([p + [0] * (L - len(p)) for p in prompts], device=device)  # right-padded
 
-    def step(tokens, pos, seen, u):  # one token per row at positions pos (B,): fixed shapes, one compiled graph
+    def step(tokens, pos, seen, u):  # a token per row at positions pos (B,): fixed shapes, one graph
         logits = model(tokens[:, None], pos[:, None])[:, -1]
         return sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
 

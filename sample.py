@@ -31,8 +31,8 @@ parser.add_argument("--prompts", help="answer each prompt of a text file (one pe
                     "(the first turn of 'conversations', e.g. GAIR/lima's test set)")
 parser.add_argument("--output", help="jsonl for --prompts' answers; a rerun skips the prompts already in it")
 parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (default: %(default)s)")
-parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile (a CUDA "
-                    "graph on a GPU); it takes seconds to minutes to compile and did not pay on a CPU")
+parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile (a "
+                    "CUDA graph on a GPU): a faster step after tens of seconds of compiling on a CPU")
 args = parser.parse_args()
 if (args.prompt is not None) + args.chat + (args.prompts is not None) != 1:
     parser.error("give exactly one of: a PROMPT, --chat, --prompts FILE")
@@ -169,7 +169,8 @@ try:
             for b in range(0, len(todo), args.batch_size):
                 steps = generate(model, batches[b : b + args.batch_size], tok.eot_id, args.max_new_tokens,
                                  args.temperature, args.top_p, args.repetition_penalty, compile=args.compile)
-                rows = [[t for t in row if t >= 0] for row in torch.stack(list(steps), 1).tolist()]  # -1: ended
+                rows = torch.stack(list(steps), 1).tolist()
+                rows = [[t for t in row if t >= 0] for row in rows]  # -1: the answer has ended
                 answers = [(row[: row.index(tok.eot_id)], True) if tok.eot_id in row else (row, False) for row in rows]
                 f.write("".join(json.dumps({"prompt": p, "response": tok.decode(a), "tokens": len(a),
                                             "stopped_at_eot": s}, ensure_ascii=False) + "\n"

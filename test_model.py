@@ -117,15 +117,16 @@ def test_cached_decoding_equals_full_forward():
     with torch.no_grad():
         full = model(tokens)
         model.setup_cache(3, 32)
-        steps = [model(tokens[:, :7], pos[:, :7])] + [model(tokens[:, t : t + 1], pos[:, t : t + 1]) for t in range(7, 20)]
-        steps.append(model(tokens[:, 20:], pos[:, 20:]))  # a multi-token chunk after the cache (a new chat turn)
+        steps = [model(tokens[:, :7], pos[:, :7])]
+        steps += [model(tokens[:, t : t + 1], pos[:, t : t + 1]) for t in range(7, 20)]
+        steps.append(model(tokens[:, 20:], pos[:, 20:]))  # a multi-token chunk after the cache (a chat turn)
         model.clear_cache()
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
 def test_rows_of_a_batch_sit_at_their_own_positions():
-    """Prompts of different lengths, right-padded into one batch, then decoded one token per row at each row's own
-    position: every row gets the logits it gets alone, whatever the padding holds."""
+    """Prompts of different lengths, right-padded into one batch, then decoded one token per row at each
+    row's own position: every row gets the logits it gets alone, whatever the padding holds."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_size("tiny", dim=64, n_layers=2, vocab_size=50)).eval()
     short, long = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 9))
@@ -137,7 +138,8 @@ def test_rows_of_a_batch_sit_at_their_own_positions():
         model.clear_cache()
         alone = [model(short), model(long), model(torch.cat([short, torch.tensor([[7]])], 1))[:, -1],
                  model(torch.cat([long, torch.tensor([[8]])], 1))[:, -1]]
-    assert torch.allclose(padded[0, :5], alone[0][0], atol=1e-5) and torch.allclose(padded[1], alone[1][0], atol=1e-5)
+    assert torch.allclose(padded[0, :5], alone[0][0], atol=1e-5)
+    assert torch.allclose(padded[1], alone[1][0], atol=1e-5)
     assert torch.allclose(nxt[0, 0], alone[2][0], atol=1e-5) and torch.allclose(nxt[1, 0], alone[3][0], atol=1e-5)
 
 

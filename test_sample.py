@@ -54,7 +54,7 @@ def run_generate(model, prompts, n, stop_id=NEVER, **kw):
         for row, t in zip(rows, nxt.tolist()):
             row.append(t)
     answers = [[t for t in row if t >= 0] for row in rows]
-    assert all(row == a + [-1] * (len(row) - len(a)) for row, a in zip(rows, answers))  # -1 once ended, to the end
+    assert all(row == a + [-1] * (len(row) - len(a)) for row, a in zip(rows, answers))  # -1 to the end
     return answers
 
 
@@ -163,14 +163,15 @@ def test_batched_greedy_equals_one_at_a_time():
 
 
 def test_each_prompt_has_its_own_budget():
-    """A prompt near the end of the context gets the few tokens it has room for; the others in its batch still get
-    max_new_tokens, as they would alone."""
+    """A prompt near the end of the context gets the few tokens it has room for; the others in its batch
+    still get max_new_tokens, as they would alone."""
     model = tiny_model(max_seq_len=32)
     prompts = [[1, 5], list(range(1, 30)), [1, 6, 6, 8, 10]]  # the second has room for 3 tokens
     single = [run_generate(model, [p], 10, temperature=0)[0] for p in prompts]
     assert [len(a) for a in single] == [10, 3, 10]
     assert run_generate(model, prompts, 10, temperature=0) == single
-    assert run_generate(model, [prompts[0], list(range(32))], 10, temperature=0) == [single[0], []]  # no room at all
+    no_room = list(range(32))
+    assert run_generate(model, [prompts[0], no_room], 10, temperature=0) == [single[0], []]
 
 
 def full_sort_top_p(probs, top_p):
@@ -181,8 +182,8 @@ def full_sort_top_p(probs, top_p):
 
 
 def test_top_k_shortcut_equals_the_full_sort():
-    """Ranking only the 64 most likely tokens gives exactly the full sort's nucleus when they hold top_p, and the
-    full sort is taken when they do not."""
+    """Ranking only the 64 most likely tokens gives exactly the full sort's nucleus when they hold top_p, and
+    the full sort is taken when they do not."""
     torch.manual_seed(0)
     fallbacks = 0
     for scale in [0.5, 2, 4, 8, 16]:  # from nearly flat to peaked
@@ -207,17 +208,19 @@ def test_sampled_tokens_follow_the_filtered_distribution(scale):
     freq = torch.bincount(tokens, minlength=300) / n
     want = want / want.sum()
     assert (freq[want == 0] == 0).all()  # never a token outside the nucleus
-    assert ((freq - want).abs() <= 4 * (want * (1 - want) / n).sqrt() + 1e-4).all()  # within 4 standard errors
+    assert ((freq - want).abs() <= 4 * (want * (1 - want) / n).sqrt() + 1e-4).all()  # 4 standard errors
 
 
 def test_compiled_decode_step_is_one_graph_and_decodes_the_same(monkeypatch):
-    """generate(compile=True) traces the decode step whole (fullgraph: the nucleus branch included) and yields the
-    same tokens as eager, greedy and sampled (with this model, LIMA's sampling ranks only the top 64 tokens; at
-    temperature 1.5 and top_p 0.98 it sorts them all). The graph runs on dynamo's eager backend: a fast test."""
+    """generate(compile=True) traces the decode step whole (fullgraph: the nucleus branch included) and
+    yields the same tokens as eager, greedy and sampled (with this model, LIMA's sampling ranks only the top
+    64 tokens; at temperature 1.5 and top_p 0.98 it sorts them all). The graph runs on dynamo's eager
+    backend: a fast test."""
     model = tiny_model(vocab=100)
     prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6, 7]]
     settings = [dict(temperature=0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.5, top_p=0.98)]
-    eager = [run_generate(model, prompts, 10, **kw, generator=torch.Generator().manual_seed(0)) for kw in settings]
+    eager = [run_generate(model, prompts, 10, **kw, generator=torch.Generator().manual_seed(0))
+             for kw in settings]
     compiled = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled(fn, **{**kw, "backend": "eager"}))
     got = [run_generate(model, prompts, 10, **kw, generator=torch.Generator().manual_seed(0), compile=True)
