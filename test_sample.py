@@ -154,7 +154,7 @@ def test_fixed_seed_is_reproducible():
 
 def test_batched_greedy_equals_one_at_a_time():
     model = tiny_model()
-    prompts = [[1, 5], [1, 9, 3, 7, 2, 11, 4, 30, 31], [1, 6, 6, 8, 10]]  # left padding of 7 and 4
+    prompts = [[1, 5], [1, 9, 3, 7, 2, 11, 4, 30, 31], [1, 6, 6, 8, 10]]  # right padding of 7 and 4
     free = [run_generate(model, [p], 20, temperature=0)[0] for p in prompts]
     stop = free[1][6]  # rows now stop at different steps, some not at all
     single = [run_generate(model, [p], 20, stop_id=stop, temperature=0)[0] for p in prompts]
@@ -362,7 +362,7 @@ def test_cli_prompts_file_batches_and_resumes(ckpt, tmp_path):
                "--max_new_tokens", 12, "--batch_size", 2)
     assert r.returncode == 0, r.stderr
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
-    for p, line in zip(prompts, lines, strict=True):  # batched (left-padded) answers equal one-at-a-time ones
+    for p, line in zip(prompts, lines, strict=True):  # batched (padded) answers equal one-at-a-time ones
         answer = greedy_reference(model, tok.encode_dialogue([p])[0], 12, 1.2, stop_id=tok.eot_id)
         stopped = answer[-1] == tok.eot_id
         answer = answer[:-1] if stopped else answer
