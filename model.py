@@ -63,10 +63,10 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope(head_dim: int, start: int, length: int, theta: float, device) -> tuple:
-    """cos and sin of the rotation angles pos * theta^(-2i/head_dim), shape (length, head_dim/2)."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    angles = torch.outer(torch.arange(start, start + length, device=device).float(), freqs)
+def rope(head_dim: int, positions, theta: float) -> tuple:
+    """cos and sin of the angles pos * theta^(-2i/head_dim), float32, shape (*positions.shape, head_dim/2)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * freqs
     return angles.cos(), angles.sin()
 
 
@@ -89,23 +89,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # (B, n_kv_heads, max_len, head_dim) while decoding
 
-    def forward(self, x, cos, sin, start_pos: int = 0, mask=None):
+    def forward(self, x, cos, sin, pos=None, mask=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache_k is not None:
-            self.cache_k[:B, :, start_pos : start_pos + T] = k
-            self.cache_v[:B, :, start_pos : start_pos + T] = v
-            k, v = self.cache_k[:B, :, : start_pos + T], self.cache_v[:B, :, : start_pos + T]
-        if self.n_kv_heads < self.n_heads:  # grouped-query: each key/value head serves n_heads/n_kv_heads queries
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        if mask is None and start_pos == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if pos is not None:  # decoding: keys and values go to their positions in the cache, read whole
+            where = pos[:, None, :, None].expand_as(k)
+            k, v = self.cache_k.scatter_(2, where, k), self.cache_v.scatter_(2, where, v)
+        # grouped-query: each key/value head serves n_heads/n_kv_heads queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_kv_heads < self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -130,8 +125,9 @@ class Block(nn.Module):
         # LIMA §3: residual dropout rises linearly from 0.0 at the bottom layer to args.dropout at the top
         self.dropout = args.dropout * layer_id / max(1, args.n_layers - 1)
 
-    def forward(self, x, cos, sin, start_pos: int = 0, mask=None):
-        h = x + F.dropout(self.attention(self.attention_norm(x), cos, sin, start_pos, mask), self.dropout, self.training)
+    def forward(self, x, cos, sin, pos=None, mask=None):
+        h = x + F.dropout(self.attention(self.attention_norm(x), cos, sin, pos, mask), self.dropout,
+                          self.training)
         return h + F.dropout(self.feed_forward(self.ffn_norm(h)), self.dropout, self.training)
 
 
@@ -151,33 +147,34 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, start_pos: int = 0, key_mask=None):
-        """tokens (B, T) -> logits (B, T, vocab). With a cache (setup_cache), tokens sit at positions
-        start_pos.. and attend to everything cached before them; key_mask (B, start_pos + T), true on real
-        tokens, hides left padding."""
-        B, T = tokens.shape
+    def forward(self, tokens, pos=None):
+        """tokens (B, T) -> logits (B, T, vocab), each token attending to those before it. Decoding
+        (setup_cache): pos (B, T) are the tokens' positions; their keys and values are cached there and each
+        attends to every cached position up to its own, so each row sits at its own positions."""
         h = self.tok_embeddings(tokens)
-        cos, sin = rope(self.args.dim // self.args.n_heads, start_pos, T, self.args.rope_theta, tokens.device)
         mask = None
-        if start_pos > 0 or key_mask is not None:
-            S = start_pos + T
-            query_pos = torch.arange(start_pos, S, device=tokens.device)[:, None]
-            key_pos = torch.arange(S, device=tokens.device)
-            mask = key_pos <= query_pos  # causal, (T, S)
-            if key_mask is not None:  # a padding query still sees itself, so no row is empty (NaN)
-                mask = (mask & key_mask[:, None, None, :S]) | (key_pos == query_pos)
+        if pos is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            cos, sin = rope(self.args.dim // self.args.n_heads, positions, self.args.rope_theta)
+        else:  # rows of the tables made once per cache
+            cos, sin, mask = (table[pos][:, None] for table in (self.rope_cos, self.rope_sin, self.causal))
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos, mask)
+            h = layer(h, cos, sin, pos, mask)
         return self.output(self.norm(h))
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None):
-        """Allocate a key/value cache for decoding up to max_len positions (prompt included)."""
+        """Allocate a key/value cache for decoding up to max_len positions (prompt included), and the RoPE
+        angles (float32, whatever the model's dtype) and causal mask of those positions."""
         p = self.output.weight
         for layer in self.layers:
             a = layer.attention
             shape = (batch_size, a.n_kv_heads, max_len, a.head_dim)
             a.cache_k = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
             a.cache_v = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
+        positions = torch.arange(max_len, device=p.device)
+        head_dim = self.args.dim // self.args.n_heads
+        self.rope_cos, self.rope_sin = rope(head_dim, positions, self.args.rope_theta)
+        self.causal = positions[None, :] <= positions[:, None]
 
     def clear_cache(self):
         for layer in self.layers:
@@ -502,73 +499,97 @@ class Tokenizer:
 # Sampling (LIMA §2: nucleus p=0.9, temperature 0.7, repetition penalty 1.2 on previously generated tokens)
 
 
-def top_p_filter(probs, top_p: float):
-    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p."""
+def top_p_filter(probs, top_p: float, k: int = 64):
+    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p. When the k
+    most likely tokens already reach it (nearly always, after a softmax at temperature 0.7) only they are
+    ranked, else the whole vocabulary is sorted: the same result either way."""
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
-    sorted_probs[before >= top_p] = 0.0
-    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+    def keep(sorted_probs, order, top_p):
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
+        return torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(before >= top_p, 0.0))
+
+    top, order = probs.topk(min(k, probs.shape[-1]))
+    covered = (top.cumsum(-1)[..., -1] >= top_p).all()  # the sum the full sort's running sum reaches at k
+    if torch.compiler.is_compiling():  # no host sync in a graph (eager torch.cond would compile at each call)
+        return torch.cond(covered, lambda top, order, probs, p: keep(top, order, p),
+                          lambda top, order, probs, p: keep(*probs.sort(-1, descending=True), p),
+                          (top, order, probs, torch.tensor(top_p, device=probs.device)))
+    return keep(top, order, top_p) if covered else keep(*probs.sort(-1, descending=True), top_p)
 
 
-def penalize(logits, generated, penalty: float):
-    """Repetition penalty (Keskar et al., 2019) on the tokens in generated (B, n), those already produced in
+def penalize(logits, seen, penalty: float):
+    """Repetition penalty (Keskar et al., 2019) on the tokens seen (B, vocab, bool), those already produced in
     this answer: their positive logits are divided by penalty and their negative ones multiplied, so either
     way they become less likely. Other tokens' logits are unchanged."""
-    if penalty == 1.0 or generated is None or generated.shape[1] == 0:
+    if penalty == 1.0 or seen is None:
         return logits
-    seen = logits.gather(1, generated)
-    return logits.scatter(1, generated, torch.where(seen > 0, seen / penalty, seen * penalty))
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def sample_token(logits, generated=None, temperature=0.7, top_p=0.9, repetition_penalty=1.2, generator=None):
-    """Next token for each row of logits (B, vocab); temperature 0 is greedy."""
-    logits = penalize(logits.float(), generated, repetition_penalty)
+def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penalty=1.2, u=None):
+    """Next token for each row of logits (B, vocab); temperature 0 is greedy. u (B, 1) uniform in [0, 1) picks
+    from the cumulative distribution (drawn by the caller: no generator or host sync in a compiled graph)."""
+    logits = penalize(logits.float(), seen, repetition_penalty)
     if temperature == 0:
         return logits.argmax(-1)
-    probs = top_p_filter(F.softmax(logits / temperature, dim=-1), top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = top_p_filter(F.softmax(logits / temperature, dim=-1), top_p).cumsum(-1)
+    u = torch.rand(len(logits), 1, device=logits.device) if u is None else u
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # never a token of probability 0
 
 
 @torch.no_grad()
 def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperature=0.7, top_p=0.9,
-             repetition_penalty=1.2, generator=None, start_pos: int = 0):
-    """Decode a batch of prompts (lists of ids, left-padded together) with a KV cache; yields a (B,) tensor of
-    next tokens per step until every row has produced stop_id or max_new_tokens is reached (never past the
-    context). Rows that have stopped keep yielding stop_id. The last token yielded is not fed to the model.
-    If the model already has a cache (setup_cache), the prompts continue what it holds at positions
-    < start_pos (a chat's earlier turns) and the cache is kept; otherwise one is made for this call."""
+             repetition_penalty=1.2, generator=None, start_pos: int = 0, compile: bool = False):
+    """Decode a batch of prompts (lists of ids) with a KV cache; yields a (B,) tensor of next tokens per step,
+    one model forward each. A row ends after stop_id, max_new_tokens or the end of the context, just as it
+    would alone, and yields -1 from then on; the last token yielded is not fed to the model. If the model has
+    a cache (setup_cache), one prompt continues what it holds at positions < start_pos (a chat's earlier
+    turns) and the cache is kept; otherwise one is made for this call. compile: the decode step through
+    torch.compile (on CUDA a CUDA graph)."""
     device = model.output.weight.device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    cache = model.layers[0].attention.cache_k
-    own_cache = cache is None
-    context = model.args.max_seq_len if own_cache else cache.shape[2]
-    max_new_tokens = min(max_new_tokens, context - start_pos - L)
-    if max_new_tokens < 1:
+    B, L = len(prompts), max(map(len, prompts))
+    own_cache = model.layers[0].attention.cache_k is None
+    context = model.args.max_seq_len if own_cache else model.layers[0].attention.cache_k.shape[2]
+    lens = [len(p) for p in prompts]
+    limits = [min(max_new_tokens, context - start_pos - n) for n in lens]  # each row's own room
+    if max(limits) < 1:
         return
-    end = start_pos + L + max_new_tokens
-    tokens = torch.zeros(B, L, dtype=torch.long, device=device)
-    key_mask = torch.ones(B, end, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        key_mask[i, start_pos : start_pos + L - len(p)] = False
-    key_mask = key_mask if B > 1 else None  # a single prompt has no padding
     if own_cache:
-        model.setup_cache(B, end)
+        model.setup_cache(B, start_pos + max(L, max(n + m for n, m in zip(lens, limits))))
+    last = model.causal.shape[0] - 1
+    steps, lens, limits = max(limits), torch.tensor(lens, device=device), torch.tensor(limits, device=device)
+    tokens = torch.tensor([p + [0] * (L - len(p)) for p in prompts], device=device)  # right-padded
+
+    def step(tokens, pos, seen, u):  # a token per row at positions pos (B,): fixed shapes, one graph
+        logits = model(tokens[:, None], pos[:, None])[:, -1]
+        return sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
+
+    if compile:
+        for layer in model.layers:  # lets a CUDA graph write the cache in place
+            torch._dynamo.mark_static_address(layer.attention.cache_k)
+            torch._dynamo.mark_static_address(layer.attention.cache_v)
+        step = torch.compile(step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     try:
-        logits = model(tokens, start_pos, key_mask)[:, -1]
-        generated = torch.empty(B, 0, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for pos in range(start_pos + L, end):
-            nxt = sample_token(logits, generated, temperature, top_p, repetition_penalty, generator)
-            nxt = torch.where(done, stop_id, nxt)
+        logits = model(tokens, start_pos + torch.arange(L, device=device).expand(B, L))
+        logits = logits[torch.arange(B, device=device), lens - 1]  # after each row's last prompt token
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        done = limits < 1
+        for k in range(steps):
+            u = torch.rand(B, 1, generator=generator, device=device)
+            if k == 0:
+                nxt = sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
+            else:  # feed the last token (done rows feed something, at most into the cache's last slot)
+                pos = (start_pos + lens + k - 1).clamp(max=last)
+                nxt = step(nxt.clamp(min=0), pos, seen, u)
+            nxt = torch.where(done, -1, nxt)
             yield nxt
-            done |= nxt == stop_id
-            if done.all() or pos + 1 == end:
+            seen.scatter_(1, nxt.clamp(min=0)[:, None], True)  # a finished row's is never read
+            done |= (nxt == stop_id) | (k + 1 >= limits)
+            # reading done stalls a GPU's queue, so there only every 16 steps; on a CPU it costs nothing
+            if (device.type == "cpu" or k % 16 == 15) and done.all():
                 break
-            generated = torch.cat([generated, nxt[:, None]], dim=1)
-            logits = model(nxt[:, None], pos, key_mask)[:, -1]
     finally:
         if own_cache:
             model.clear_cache()

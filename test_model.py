@@ -155,33 +155,34 @@ def test_cached_decoding_equals_full_forward():
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_size("tiny", dim=64, n_layers=2, vocab_size=50, n_kv_heads=2)).eval()
     tokens = torch.randint(0, 50, (3, 24))
+    pos = torch.arange(24).expand(3, 24)
     with torch.no_grad():
         full = model(tokens)
-        model.setup_cache(3, 24)
-        steps = [model(tokens[:, :7])] + [model(tokens[:, t : t + 1], t) for t in range(7, 20)]
-        steps.append(model(tokens[:, 20:], 20))  # a multi-token chunk after the cache (a new chat turn)
+        model.setup_cache(3, 32)
+        steps = [model(tokens[:, :7], pos[:, :7])]
+        steps += [model(tokens[:, t : t + 1], pos[:, t : t + 1]) for t in range(7, 20)]
+        steps.append(model(tokens[:, 20:], pos[:, 20:]))  # a multi-token chunk after the cache (a chat turn)
         model.clear_cache()
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
-def test_left_padding_is_invisible():
-    """A left-padded prompt in a batch gets the logits it gets alone (RoPE is relative, padding is masked)."""
+def test_rows_of_a_batch_sit_at_their_own_positions():
+    """Prompts of different lengths, right-padded into one batch, then decoded one token per row at each
+    row's own position: every row gets the logits it gets alone, whatever the padding holds."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_size("tiny", dim=64, n_layers=2, vocab_size=50)).eval()
-    short = torch.randint(0, 50, (1, 5))
-    batch = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1).repeat(2, 1)
-    key_mask = torch.ones(2, 10, dtype=torch.bool)
-    key_mask[0, :4] = False
-    batch[1, :4] = torch.randint(0, 50, (4,))
+    short, long = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 9))
+    batch = torch.cat([torch.cat([short, torch.randint(0, 50, (1, 4))], 1), long])
     with torch.no_grad():
-        alone = model(short)
-        model.setup_cache(2, 10)
-        padded = model(batch, 0, key_mask)
-        nxt = model(torch.tensor([[7], [7]]), 9, key_mask)
+        model.setup_cache(2, 12)
+        padded = model(batch, torch.arange(9).expand(2, 9))
+        nxt = model(torch.tensor([[7], [8]]), torch.tensor([[5], [9]]))  # each row's next position
         model.clear_cache()
-        alone_next = model(torch.cat([short, torch.tensor([[7]])], 1))[:, -1]
-    assert torch.allclose(padded[0, 4:], alone[0], atol=1e-5)
-    assert torch.allclose(nxt[0, 0], alone_next[0], atol=1e-5)
+        alone = [model(short), model(long), model(torch.cat([short, torch.tensor([[7]])], 1))[:, -1],
+                 model(torch.cat([long, torch.tensor([[8]])], 1))[:, -1]]
+    assert torch.allclose(padded[0, :5], alone[0][0], atol=1e-5)
+    assert torch.allclose(padded[1], alone[1][0], atol=1e-5)
+    assert torch.allclose(nxt[0, 0], alone[2][0], atol=1e-5) and torch.allclose(nxt[1, 0], alone[3][0], atol=1e-5)
 
 
 def test_grow_vocab_adds_mean_rows():

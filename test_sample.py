@@ -27,26 +27,35 @@ def tiny_model(vocab=48, max_seq_len=128, seed=0):
     return model.eval()
 
 
+def seen(logits, generated):
+    """The penalty's mask (B, vocab) of the tokens in each row of generated."""
+    mask = torch.zeros(logits.shape, dtype=torch.bool)
+    for row, ids in zip(mask, generated):
+        row[ids] = True
+    return mask
+
+
 def greedy_reference(model, ids, n, penalty=1.0, stop_id=NEVER):
     """Greedy answer by a full forward pass over the whole sequence at every step, no cache."""
     seq = list(ids)
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor([seq]))[:, -1]
-            seq.append(penalize(logits, torch.tensor([seq[len(ids):]]), penalty).argmax(-1).item())
+            seq.append(penalize(logits, seen(logits, [seq[len(ids):]]), penalty).argmax(-1).item())
             if seq[-1] == stop_id:
                 break
     return seq[len(ids):]
 
 
 def run_generate(model, prompts, n, stop_id=NEVER, **kw):
-    """generate's per-row answers, each cut after its stop_id."""
+    """generate's per-row answers: a row that has ended yields -1."""
     rows = [[] for _ in prompts]
     for nxt in generate(model, prompts, stop_id, n, **kw):
         for row, t in zip(rows, nxt.tolist()):
-            if not row or row[-1] != stop_id:
-                row.append(t)
-    return rows
+            row.append(t)
+    answers = [[t for t in row if t >= 0] for row in rows]
+    assert all(row == a + [-1] * (len(row) - len(a)) for row, a in zip(rows, answers))  # -1 to the end
+    return answers
 
 
 # -----------------------------------------------------------------------------
@@ -119,7 +128,7 @@ def test_top_p_on_random_distributions():
 
 def test_repetition_penalty_sign_rule():
     logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 0.0, 1.5], [2.0, -1.0, 0.5, -3.0, 0.0, 1.5]])
-    generated = torch.tensor([[0, 1, 1], [3, 4, 4]])  # a repeated token is penalised once
+    generated = seen(logits, [[0, 1, 1], [3, 4, 4]])  # a repeated token is penalised once
     want = logits.clone()
     want[0, 0], want[0, 1], want[1, 3] = 2.0 / 2, -1.0 * 2, -3.0 * 2  # divide positive, multiply negative
     assert torch.equal(penalize(logits, generated, 2.0), want)  # every other logit (and the 0.0 one) untouched
@@ -127,8 +136,9 @@ def test_repetition_penalty_sign_rule():
     assert torch.allclose(penalize(logits, generated, 1.2), want, rtol=1e-6, atol=0)
     assert torch.equal(penalize(logits, generated, 1.0), logits)
     # through the sampler: penalising the winner hands the argmax to the runner-up, whatever the sign
-    assert sample_token(torch.tensor([[3.0, 2.6, 0.0]]), torch.tensor([[0]]), temperature=0).item() == 1
-    assert sample_token(torch.tensor([[-1.0, -1.1, -5.0]]), torch.tensor([[0]]), temperature=0).item() == 1
+    first = torch.tensor([[True, False, False]])
+    assert sample_token(torch.tensor([[3.0, 2.6, 0.0]]), first, temperature=0).item() == 1
+    assert sample_token(torch.tensor([[-1.0, -1.1, -5.0]]), first, temperature=0).item() == 1
     assert sample_token(torch.tensor([[-1.0, -1.1, -5.0]]), None, temperature=0).item() == 0
 
 
@@ -144,12 +154,78 @@ def test_fixed_seed_is_reproducible():
 
 def test_batched_greedy_equals_one_at_a_time():
     model = tiny_model()
-    prompts = [[1, 5], [1, 9, 3, 7, 2, 11, 4, 30, 31], [1, 6, 6, 8, 10]]  # left padding of 7 and 4
+    prompts = [[1, 5], [1, 9, 3, 7, 2, 11, 4, 30, 31], [1, 6, 6, 8, 10]]  # right padding of 7 and 4
     free = [run_generate(model, [p], 20, temperature=0)[0] for p in prompts]
     stop = free[1][6]  # rows now stop at different steps, some not at all
     single = [run_generate(model, [p], 20, stop_id=stop, temperature=0)[0] for p in prompts]
     assert len({len(a) for a in single}) > 1 and any(a[-1] != stop for a in single)
     assert run_generate(model, prompts, 20, stop_id=stop, temperature=0) == single
+
+
+def test_each_prompt_has_its_own_budget():
+    """A prompt near the end of the context gets the few tokens it has room for; the others in its batch
+    still get max_new_tokens, as they would alone."""
+    model = tiny_model(max_seq_len=32)
+    prompts = [[1, 5], list(range(1, 30)), [1, 6, 6, 8, 10]]  # the second has room for 3 tokens
+    single = [run_generate(model, [p], 10, temperature=0)[0] for p in prompts]
+    assert [len(a) for a in single] == [10, 3, 10]
+    assert run_generate(model, prompts, 10, temperature=0) == single
+    no_room = list(range(32))
+    assert run_generate(model, [prompts[0], no_room], 10, temperature=0) == [single[0], []]
+
+
+def full_sort_top_p(probs, top_p):
+    """The nucleus by sorting the whole vocabulary."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= top_p] = 0.0
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def test_top_k_shortcut_equals_the_full_sort():
+    """Ranking only the 64 most likely tokens gives exactly the full sort's nucleus when they hold top_p, and
+    the full sort is taken when they do not."""
+    torch.manual_seed(0)
+    fallbacks = 0
+    for scale in [0.5, 2, 4, 8, 16]:  # from nearly flat to peaked
+        probs = torch.softmax(scale * torch.randn(8, 32001), -1)
+        for p in [0.1, 0.5, 0.9, 0.99]:
+            fallbacks += (probs.topk(64).values.sum(-1) < p).any().item()
+            assert torch.equal(top_p_filter(probs, p), full_sort_top_p(probs, p)), (scale, p)
+    assert 0 < fallbacks < 20  # both branches were taken
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])  # the nucleus beyond the top 64 (full sort), and within it
+def test_sampled_tokens_follow_the_filtered_distribution(scale):
+    torch.manual_seed(0)
+    logits = scale * torch.randn(1, 300)
+    seen = torch.zeros(1, 300, dtype=torch.bool)
+    seen[0, logits[0].topk(3).indices[1:]] = True  # the penalty demotes the second and third most likely
+    want = full_sort_top_p(torch.softmax(penalize(logits, seen, 1.2) / 0.7, -1), 0.9)[0]
+    assert ((want > 0).sum() > 64) == (scale == 1.0)
+    n = 40000
+    u = torch.rand(n, 1, generator=torch.Generator().manual_seed(1))
+    tokens = sample_token(logits.expand(n, -1), seen.expand(n, -1), 0.7, 0.9, 1.2, u)
+    freq = torch.bincount(tokens, minlength=300) / n
+    want = want / want.sum()
+    assert (freq[want == 0] == 0).all()  # never a token outside the nucleus
+    assert ((freq - want).abs() <= 4 * (want * (1 - want) / n).sqrt() + 1e-4).all()  # 4 standard errors
+
+
+def test_compiled_decode_step_is_one_graph_and_decodes_the_same(monkeypatch):
+    """generate(compile=True) traces the decode step whole (fullgraph: the nucleus branch included) and
+    yields the same tokens as eager, greedy and sampled (with this model, LIMA's sampling ranks only the top
+    64 tokens; at temperature 1.5 and top_p 0.98 it sorts them all). The graph runs on dynamo's eager
+    backend: a fast test."""
+    model = tiny_model(vocab=100)
+    prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6, 7]]
+    settings = [dict(temperature=0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.5, top_p=0.98)]
+    eager = [run_generate(model, prompts, 10, **kw, generator=torch.Generator().manual_seed(0))
+             for kw in settings]
+    compiled = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled(fn, **{**kw, "backend": "eager"}))
+    got = [run_generate(model, prompts, 10, **kw, generator=torch.Generator().manual_seed(0), compile=True)
+           for kw in settings]
+    assert got == eager and len({str(a) for a in got}) == 3
 
 
 # -----------------------------------------------------------------------------
@@ -297,7 +373,7 @@ def test_cli_prompts_file_batches_and_resumes(ckpt, tmp_path):
                "--max_new_tokens", 12, "--batch_size", 2)
     assert r.returncode == 0, r.stderr
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
-    for p, line in zip(prompts, lines, strict=True):  # batched (left-padded) answers equal one-at-a-time ones
+    for p, line in zip(prompts, lines, strict=True):  # batched (padded) answers equal one-at-a-time ones
         answer = greedy_reference(model, tok.encode_dialogue([p])[0], 12, 1.2, stop_id=tok.eot_id)
         stopped = answer[-1] == tok.eot_id
         answer = answer[:-1] if stopped else answer

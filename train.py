@@ -297,7 +297,7 @@ def save_epoch(epoch, dev_loss):
                 model(torch.zeros(1, 1, dtype=torch.long, device=device))  # join the others' gathers
             else:
                 for a, t in zip(answers, nxt.tolist()):
-                    a.append(t)
+                    a += [t] if t >= 0 else []  # -1: that answer has ended
             if all_sum(nxt is not None)[0] == 0:
                 break
     model.clear_cache()
