@@ -1,6 +1,6 @@
 """
-Dialogues in GAIR/lima's layout, one JSON object a line: {"conversations": [user, assistant, ...], "source": ...},
-to the token ids and loss masks train.py reads: OUT/train.pt, OUT/dev.pt and OUT/tokenizer.model.
+Dialogues in GAIR/lima's layout, one JSON object a line ({"conversations": [user, assistant, ...], "source":
+...}), to the token ids and loss masks train.py reads: OUT/train.pt, OUT/dev.pt and OUT/tokenizer.model.
 
 python prepare.py             # the tiny demo: data/sample.jsonl, with a small tokenizer trained on it
 python prepare.py --input lima/train.jsonl --tokenizer llama/tokenizer.model --dev 50 --out data/lima  # LLaMA
@@ -25,10 +25,9 @@ parser.add_argument("--input", default="data/sample.jsonl", help="dialogues, one
 parser.add_argument("--tokenizer", help="SentencePiece model, e.g. LLaMA's (default: train one on the input)")
 parser.add_argument("--out", default="data/prepared", help="output directory; an earlier output is replaced")
 parser.add_argument("--max_len", type=int, default=2048, help="trim dialogues to this many tokens (LIMA §3)")
-parser.add_argument("--dev", type=int, default=5, help="dialogues held out for train.py's dev loss and samples "
-                    "(LIMA chose checkpoints on 50; 5 suits the sample)")
+parser.add_argument("--dev", type=int, default=5, help="dialogues held out for train.py's dev loss")
 parser.add_argument("--seed", type=int, default=1337, help="seed of the dev set's choice")
-parser.add_argument("--vocab_size", type=int, default=2000, help="pieces of the tokenizer trained on the input")
+parser.add_argument("--vocab_size", type=int, default=2000, help="size of the tokenizer trained on the input")
 args = parser.parse_args()
 src, out = Path(args.input), Path(args.out)
 check = lambda ok, message: ok or sys.exit(f"error: {message}")  # one line, no traceback, nothing written
@@ -36,23 +35,22 @@ check = lambda ok, message: ok or sys.exit(f"error: {message}")  # one line, no 
 # check everything before writing anything
 check(src.is_file(), f"{src}: no such input file")
 check(args.max_len >= 2, f"--max_len {args.max_len}: expected at least 2 (BOS and one token)")
-ours = {"train.pt", "dev.pt", "tokenizer.model"}  # an earlier output, replaced; anything else is refused
-check(not out.exists() or out.is_dir() and {p.name for p in out.iterdir()} <= ours, f"{out}: exists and is not "
-      "an earlier prepare.py output (train.pt, dev.pt, tokenizer.model); not replacing it")
+check(not out.exists() or out.is_dir() and set(os.listdir(out)) <= {"train.pt", "dev.pt", "tokenizer.model"},
+      f"{out}: exists and is not an earlier prepare.py output (train.pt, dev.pt, tokenizer.model); not "
+      "replacing it")
 if args.tokenizer:
     try:
-        spm.SentencePieceProcessor(model_file=args.tokenizer)
         model = Path(args.tokenizer).read_bytes()  # copied into OUT
+        spm.SentencePieceProcessor(model_proto=model)
     except (OSError, RuntimeError):
         sys.exit(f"error: {args.tokenizer}: no such file or not a SentencePiece model "
                  "(expected e.g. LLaMA's tokenizer.model)")
 
 conversations, sources = [], []
-with open(src, "rb") as f:  # bytes, so that bad UTF-8 is reported with its line number
-    lines = [(f"{src}:{n}", line) for n, line in enumerate(f, 1) if line.strip()]
-for where, line in lines:
+lines = {f"{src}:{n}": line for n, line in enumerate(src.read_bytes().split(b"\n"), 1) if line.strip()}
+for where, line in lines.items():
     try:
-        row = json.loads(line)
+        row = json.loads(line)  # from bytes: bad UTF-8 is reported with its line too
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting too deep
         sys.exit(f"error: {where}: invalid JSON ({e})")
     check(isinstance(row, dict) and "conversations" in row,
@@ -60,31 +58,33 @@ for where, line in lines:
     turns, source = row["conversations"], row.get("source", "")
     check(isinstance(turns, list),
           f'{where}: "conversations" is a {type(turns).__name__}, expected a list of strings')
-    for i, turn in enumerate(turns, 1):  # a lone surrogate (a "\ud800" escape) is no text the tokenizer encodes
+    for i, turn in enumerate(turns, 1):  # a lone surrogate (a "\ud800" escape) is no text a tokenizer takes
         check(isinstance(turn, str) and turn.strip() and not re.search("[\ud800-\udfff]", turn),
               f"{where}: turn {i} is {json.dumps(turn)[:40]}, expected non-empty text (valid Unicode)")
-    why = "a lone prompt (a test example) has nothing to train on" if len(turns) == 1 else f"{len(turns)} turns"
-    check(len(turns) >= 2 and len(turns) % 2 == 0,  # LIMA §2: turns alternate, user first; training needs answers
+    why = ("a lone prompt (a test example) has nothing to train on" if len(turns) == 1 else
+           f"{len(turns)} turns")
+    check(len(turns) >= 2 and len(turns) % 2 == 0,  # LIMA §2: turns alternate, user first; answers train
           f"{where}: {why}; expected user/assistant turns ending with an answer (an even number, at least 2)")
     check(isinstance(source, str), f'{where}: "source" is a {type(source).__name__}, expected a string')
     conversations.append(turns)
     sources.append(source)
 N = len(conversations)
 check(N > 0, f"{src}:1: empty file, expected one JSON object a line")
-check(0 <= args.dev < N, f"--dev {args.dev}: expected 0 to {N - 1}, since {src} has {N} dialogues and one must "
-      "be left to train on")
+check(0 <= args.dev < N, f"--dev {args.dev}: expected 0 to {N - 1}, since {src} has {N} dialogues and one "
+      "must be left to train on")
 
-# Without --tokenizer (the tiny demo), a small BPE model set up like LLaMA's: byte fallback (any text encodes),
-# digits split, whitespace kept (code indentation), the same special ids; one thread: the same input, the same file.
+# Without --tokenizer (the tiny demo), a small BPE model set up like LLaMA's: byte fallback (any text
+# encodes), digits split, whitespace kept (code indentation), the same special ids; one thread, so that the
+# same input always gives the same file.
 if not args.tokenizer:
     model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=(s for turns in conversations for t in turns for s in t.split("\n") if s.strip()),
+        spm.SentencePieceTrainer.train(sentence_iterator=(
+            s for turns in conversations for t in turns for s in t.split("\n") if s.strip()),
             model_writer=model, model_type="bpe", vocab_size=args.vocab_size, hard_vocab_limit=False,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-            max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
     except RuntimeError as e:  # e.g. fewer pieces than the input has distinct characters
         sys.exit(f"error: --vocab_size {args.vocab_size}: cannot train a tokenizer on {src} ({e})")
     model = model.getvalue()
@@ -93,23 +93,23 @@ if not args.tokenizer:
 import torch  # noqa: E402 (torch takes seconds to load: only once the input is known to be good)
 from model import Tokenizer  # noqa: E402
 
-tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+tmp, old = (out.with_name(f".{out.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
 try:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     (tmp / "tokenizer.model").write_bytes(model)
     tok = Tokenizer(tmp / "tokenizer.model")
-    # BOS, each turn then EOT, the mask on the assistant's tokens and their EOT; longer texts trimmed (LIMA §3)
-    encoded = [tok.encode_dialogue(t) for t in tqdm(conversations, "encoding", unit=" dialogues", disable=N < 200)]
-    ids = [torch.tensor(i[: args.max_len], dtype=torch.long) for i, _ in encoded]
-    mask = [torch.tensor(m[: args.max_len], dtype=torch.bool) for _, m in encoded]
+    # BOS, each turn then EOT, the mask on the assistant's tokens and their EOT; trimmed (LIMA §3)
+    encoded = [tok.encode_dialogue(turns)
+               for turns in tqdm(conversations, "encoding", unit=" dialogues", disable=N < 200)]
+    ids = [torch.tensor(i[: args.max_len]) for i, _ in encoded]
+    mask = [torch.tensor(m[: args.max_len]) for _, m in encoded]
     columns = {"ids": ids, "mask": mask, "conversations": conversations, "source": sources}
     dev = set(random.Random(args.seed).sample(range(N), args.dev))
     for name, keep in (("train", [k for k in range(N) if k not in dev]), ("dev", sorted(dev))):
         torch.save({key: [column[k] for k in keep] for key, column in columns.items()} | {
             "eot_id": tok.eot_id, "n_words": tok.n_words, "max_len": args.max_len,
             "tokenizer_sha256": hashlib.sha256(model).hexdigest()}, tmp / f"{name}.pt")  # train.py checks it
-    old = tmp.with_name(tmp.name + ".old")
     if out.exists():  # an earlier output (checked above): moved aside, replaced, then deleted
         out.rename(old)
     tmp.rename(out)
@@ -123,11 +123,11 @@ lengths = sorted(len(i) for i, _ in encoded)  # before trimming
 print(f"wrote {out}/: {N:,} dialogues ({N - len(dev):,} train, {len(dev):,} dev), "
       f"{sum(map(len, conversations)):,} turns, from {src}")
 print(f"tokenizer: {args.tokenizer or f'trained on {src}'}, {tok.eot_id:,} pieces + EOT (id {tok.eot_id:,})")
-print(f"tokens: {sum(lengths):,} before trimming; {sum(n > args.max_len for n in lengths):,} dialogues trimmed "
-      f"at {args.max_len:,}, leaving {sum(map(len, ids)):,} tokens, of which {sum(int(m.sum()) for m in mask):,} "
-      "supervised")
-print("tokens per dialogue before trimming: " + ", ".join(f"p{q} {lengths[N * q // 100]:,}" for q in (50, 90, 99))
-      + f", max {lengths[-1]:,}")
+print(f"tokens: {sum(lengths):,} before trimming; {sum(n > args.max_len for n in lengths):,} dialogues "
+      f"trimmed at {args.max_len:,}, leaving {sum(map(len, ids)):,} tokens, of which "
+      f"{sum(int(m.sum()) for m in mask):,} supervised")
+print("tokens per dialogue before trimming: "
+      + ", ".join(f"p{q} {lengths[N * q // 100]:,}" for q in (50, 90, 99)) + f", max {lengths[-1]:,}")
 print("sources: " + ", ".join(f"{s or '(none)'} {c:,}" for s, c in Counter(sources).most_common()))
 if unsupervised := sum(not m.any() for m in mask):
     print(f"warning: {unsupervised:,} dialogues keep no assistant token within --max_len {args.max_len:,}")
