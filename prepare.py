@@ -1,9 +1,8 @@
 """
 Dialogues in GAIR/lima's layout, one JSON object a line ({"conversations": [user, assistant, ...], "source":
 ...}), to the token ids and loss masks train.py reads: OUT/train.pt, OUT/dev.pt and OUT/tokenizer.model.
-
-python prepare.py             # the tiny demo: data/sample.jsonl, with a small tokenizer trained on it
-python prepare.py --input lima/train.jsonl --tokenizer llama/tokenizer.model --dev 50 --out data/lima  # LLaMA
+With no flags, the tiny demo: data/sample.jsonl, with a small tokenizer trained on it. For LLaMA:
+python prepare.py --input lima/train.jsonl --tokenizer llama/tokenizer.model --dev 50 --out data/lima
 """
 import argparse
 import hashlib
@@ -73,9 +72,8 @@ check(N > 0, f"{src}:1: empty file, expected one JSON object a line")
 check(0 <= args.dev < N, f"--dev {args.dev}: expected 0 to {N - 1}, since {src} has {N} dialogues and one "
       "must be left to train on")
 
-# Without --tokenizer (the tiny demo), a small BPE model set up like LLaMA's: byte fallback (any text
-# encodes), digits split, whitespace kept (code indentation), the same special ids; one thread, so that the
-# same input always gives the same file.
+# Without --tokenizer (the tiny demo), a small BPE model like LLaMA's: byte fallback (any text encodes),
+# digits split, whitespace kept (code indentation), the same special ids; one thread: same input, same file.
 if not args.tokenizer:
     model = io.BytesIO()
     try:
