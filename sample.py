@@ -1,11 +1,9 @@
-"""
-Talk to a LIMA model with the decoding LIMA was evaluated with (LIMA §2): nucleus sampling p = 0.9, temperature
-0.7, a repetition penalty of 1.2 on previously generated tokens, at most 2,048 tokens; an answer ends at EOT.
+"""Talk to a LIMA model with the decoding LIMA was evaluated with (LIMA §2): nucleus sampling p = 0.9,
+temperature 0.7, a repetition penalty of 1.2 on previously generated tokens, at most 2,048 tokens; EOT ends.
 
 $ python sample.py "Plan a three-day trip to Kyoto."            # newest out/epoch_*, streamed to stdout
 $ python sample.py --chat --ckpt out/epoch_07                   # multi-turn, the history in the KV cache
-$ python sample.py --prompts test.jsonl --output answers.jsonl  # a file of prompts, in batches, resumable
-"""
+$ python sample.py --prompts test.jsonl --output answers.jsonl  # a file of prompts, in batches, resumable"""
 import argparse
 import json
 import sys
@@ -17,7 +15,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 mode = parser.add_mutually_exclusive_group(required=True)
 mode.add_argument("prompt", nargs="?", help="one prompt; its answer streams to stdout")
 mode.add_argument("--chat", action="store_true", help="multi-turn chat; Ctrl-D or Ctrl-C leaves")
-mode.add_argument("--prompts", type=Path, help="a text file, one prompt a line, or GAIR/lima's jsonl (first turns)")
+mode.add_argument("--prompts", type=Path, help="text, a prompt a line, or GAIR/lima's jsonl (first turns)")
 parser.add_argument("--output", type=Path, help="jsonl of --prompts' answers; a rerun skips those in it")
 parser.add_argument("--ckpt", type=Path, help="Meta or Hugging Face checkpoint (default: newest out/epoch_*)")
 parser.add_argument("--tokenizer", type=Path, help="SentencePiece model (default: CKPT/tokenizer.model)")
@@ -28,8 +26,8 @@ parser.add_argument("--repetition_penalty", type=float, default=1.2, help="appli
                     "their negative logits multiplied by it; LIMA: %(default)s, 1 is off")
 parser.add_argument("--max_new_tokens", type=int, default=2048, help="longest answer, LIMA: %(default)s")
 parser.add_argument("--seed", type=int, help="random seed, for reproducible answers")
-parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together (default: %(default)s)")
-parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (a CUDA graph on a GPU)")
+parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded at once (%(default)s)")
+parser.add_argument("--compile", action="store_true", help="compile the decode step (on CUDA: a CUDA graph)")
 args = parser.parse_args()
 if (args.prompts is None) != (args.output is None):
     parser.error("--prompts FILE and --output FILE.jsonl go together")
@@ -40,14 +38,14 @@ for flag, (ok, want) in checks.items():
     if not ok:
         sys.exit(f"error: --{flag} must be {want}, got {getattr(args, flag)}")
 
-is_text = lambda s: not any("\ud800" <= c <= "\udfff" for c in s)  # no lone surrogate (bad bytes, a JSON escape)
+is_text = lambda s: not any("\ud800" <= c <= "\udfff" for c in s)  # no lone surrogate (bad bytes)
 if args.prompt is not None and not is_text(args.prompt):
     sys.exit("error: the prompt is not valid UTF-8 text (a lone surrogate)")
 if args.ckpt is None:  # the most recently written epoch (a resumed run may rewrite an earlier one)
     epochs = [p for p in Path("out").glob("epoch_*") if p.name[6:].isdigit()]
     if not epochs:
-        sys.exit("error: no checkpoint in out/: make one with `python prepare.py && python train.py --size tiny`, "
-                 "or pass --ckpt DIR")
+        sys.exit("error: no checkpoint in out/: make one with `python prepare.py && python train.py --size "
+                 "tiny`, or pass --ckpt DIR")
     args.ckpt = max(epochs, key=lambda p: p.stat().st_mtime)
     print(f"loading {args.ckpt}, the most recently written out/epoch_*", file=sys.stderr)
 if not args.ckpt.is_dir():
@@ -99,7 +97,8 @@ if args.prompts:
         if answered[prompt] < 0:
             todo.append((where, prompt))
     if len(todo) < len(prompts):
-        print(f"{out}: {len(prompts) - len(todo)} prompts already answered, {len(todo)} to go", file=sys.stderr)
+        print(f"{out}: {len(prompts) - len(todo)} prompts already answered, {len(todo)} to go",
+              file=sys.stderr)
 
 import torch
 from tqdm import tqdm
@@ -124,11 +123,11 @@ if device == "cpu":  # MKL's matrix-vector products read a weight stored transpo
     for m in filter(lambda m: isinstance(m, torch.nn.Linear), model.modules()):
         m.weight.data = m.weight.data.t().contiguous().t()  # the same values, shape and name
 context = model.args.max_seq_len
-encoded = [tok.encode_dialogue([prompt])[0] for _, prompt in todo]  # BOS, prompt, EOT: the answer comes next
+encoded = [tok.encode_dialogue([prompt])[0] for _, prompt in todo]  # BOS, prompt, EOT: the answer is next
 for (where, _), ids in zip(todo, encoded):
     if len(ids) >= context:
         sys.exit(f"error: {where}the prompt is {len(ids)} tokens; the model's context is {context}")
-sampling = {k: getattr(args, k) for k in ["max_new_tokens", "temperature", "top_p", "repetition_penalty", "compile"]}
+sampling = {k: vars(args)[k] for k in "max_new_tokens temperature top_p repetition_penalty compile".split()}
 
 try:
     if not args.prompts:  # one prompt is a chat of one message
@@ -136,7 +135,7 @@ try:
         turns, cached = [], 0  # each utterance's tokens and EOT; the cache holds the first `cached` of them
         model.setup_cache(1, context)
         sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes become lone surrogates, refused below
-        for line in [args.prompt] if args.prompt is not None else iter(lambda: input("> "), None):  # to Ctrl-D
+        for line in [args.prompt] if args.prompt is not None else iter(lambda: input("> "), None):  # Ctrl-D
             if not is_text(line):
                 print("error: that message is not valid UTF-8 text", file=sys.stderr)
                 continue
@@ -163,14 +162,15 @@ try:
     else:
         with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="prompt") as bar:
             for b in range(0, len(todo), args.batch_size):
-                steps = generate(model, encoded[b : b + args.batch_size], tok.eot_id, **sampling)
+                steps = list(generate(model, encoded[b : b + args.batch_size], tok.eot_id, **sampling))
                 lines = []
-                for (_, prompt), row in zip(todo[b : b + args.batch_size], torch.stack(list(steps), 1).tolist()):
+                for (_, prompt), row in zip(todo[b : b + args.batch_size], torch.stack(steps, 1).tolist()):
                     answer = [t for t in row if t not in (-1, tok.eot_id)]  # -1: the answer has ended
-                    lines.append(json.dumps({"prompt": prompt, "response": tok.decode(answer), "tokens": len(answer),
-                                             "stopped_at_eot": tok.eot_id in row}, ensure_ascii=False) + "\n")
-                f.write("".join(lines))  # whole lines a batch: an interrupted run keeps every finished answer
-                f.flush()
+                    lines.append(json.dumps({"prompt": prompt, "response": tok.decode(answer),
+                                             "tokens": len(answer), "stopped_at_eot": tok.eot_id in row},
+                                            ensure_ascii=False) + "\n")
+                f.write("".join(lines))
+                f.flush()  # whole lines, batch by batch: an interrupted run keeps every finished answer
                 bar.update(len(lines))
 except (KeyboardInterrupt, EOFError) as e:  # Ctrl-C or Ctrl-D: no traceback (--output keeps what it holds)
     print(file=sys.stdout if isinstance(e, EOFError) else sys.stderr)
