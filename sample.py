@@ -140,38 +140,36 @@ try:
                 print("error: that message is not valid UTF-8 text", file=sys.stderr)
                 continue
             turns.append(tok.encode(line) + [tok.eot_id])
+            if 1 + len(turns[-1]) >= context:  # BOS, the message, EOT: no room for an answer
+                print(f"error: that message is {1 + len(turns.pop())} tokens; the context is {context}",
+                      file=sys.stderr)
+                continue
             while len(turns) > 1 and 1 + sum(map(len, turns)) + room > context:
                 turns, cached = turns[2:], 0  # drop the oldest exchange; the rest is prefilled again
             ids = [tok.bos_id] + sum(turns, [])
-            if len(ids) >= context:
-                print(f"error: that message is {len(ids)} tokens; the context is {context}", file=sys.stderr)
-                turns.pop()
-                continue
             answer, shown = [], ""  # streamed; the cache is fed only what it lacks: the new user turn
             for t in generate(model, [ids[cached:]], tok.eot_id, **sampling, start_pos=cached):
                 if t.item() < 0:  # the answer has ended
                     break
                 answer.append(t.item())
-                text = tok.decode(answer)  # the whole answer: SentencePiece spacing depends on the neighbours
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    print(text[len(shown):], end="", flush=True)
-                    shown = text
+                # the whole answer: SentencePiece spacing depends on the neighbours; a multi-byte character's
+                text = tok.decode(answer).rstrip("\ufffd")  # first bytes wait for the rest
+                print(text[len(shown):], end="", flush=True)
+                shown = text
             print(tok.decode(answer)[len(shown):], flush=True)  # whatever was held back, and the newline
             cached = len(ids) + len(answer) - 1  # generate does not feed the last token it yields
             turns.append(answer if answer[-1] == tok.eot_id else answer + [tok.eot_id])
     else:
         with open(out, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="prompt") as bar:
             for b in range(0, len(todo), args.batch_size):
-                steps = list(generate(model, encoded[b : b + args.batch_size], tok.eot_id, **sampling))
-                lines = []
-                for (_, prompt), row in zip(todo[b : b + args.batch_size], torch.stack(steps, 1).tolist()):
-                    answer = [t for t in row if t not in (-1, tok.eot_id)]  # -1: the answer has ended
-                    lines.append(json.dumps({"prompt": prompt, "response": tok.decode(answer),
-                                             "tokens": len(answer), "stopped_at_eot": tok.eot_id in row},
-                                            ensure_ascii=False) + "\n")
-                f.write("".join(lines))
+                steps = generate(model, encoded[b : b + args.batch_size], tok.eot_id, **sampling)
+                rows = torch.stack(list(steps), 1).tolist()  # -1 once an answer has ended
+                answers = [[t for t in row if t not in (-1, tok.eot_id)] for row in rows]
+                f.write("".join(json.dumps({"prompt": p, "response": tok.decode(a), "tokens": len(a),
+                                            "stopped_at_eot": tok.eot_id in row}, ensure_ascii=False) + "\n"
+                                for (_, p), a, row in zip(todo[b : b + args.batch_size], answers, rows)))
                 f.flush()  # whole lines, batch by batch: an interrupted run keeps every finished answer
-                bar.update(len(lines))
+                bar.update(len(rows))
 except (KeyboardInterrupt, EOFError) as e:  # Ctrl-C or Ctrl-D: no traceback (--output keeps what it holds)
     print(file=sys.stdout if isinstance(e, EOFError) else sys.stderr)
     sys.exit(0 if args.chat else 130)
