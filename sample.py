@@ -1,9 +1,6 @@
-"""Talk to a LIMA model with the decoding LIMA was evaluated with (LIMA §2): nucleus sampling p = 0.9,
-temperature 0.7, a repetition penalty of 1.2 on previously generated tokens, at most 2,048 tokens; EOT ends.
-
-$ python sample.py "Plan a three-day trip to Kyoto."            # newest out/epoch_*, streamed to stdout
-$ python sample.py --chat --ckpt out/epoch_07                   # multi-turn, the history in the KV cache
-$ python sample.py --prompts test.jsonl --output answers.jsonl  # a file of prompts, in batches, resumable"""
+"""Talk to a LIMA model: answer a PROMPT as it streams, --chat with the history in the KV cache, or answer a
+file of --prompts in batches, resumably. LIMA's decoding (LIMA §2): nucleus sampling p = 0.9, temperature 0.7,
+a repetition penalty of 1.2 on previously generated tokens, at most 2,048 tokens; an answer ends at EOT."""
 import argparse
 import json
 import sys
@@ -140,20 +137,20 @@ try:
                 print("error: that message is not valid UTF-8 text", file=sys.stderr)
                 continue
             turns.append(tok.encode(line) + [tok.eot_id])
-            if 1 + len(turns[-1]) >= context:  # BOS, the message, EOT: no room for an answer
-                print(f"error: that message is {1 + len(turns.pop())} tokens; the context is {context}",
-                      file=sys.stderr)
-                continue
             while len(turns) > 1 and 1 + sum(map(len, turns)) + room > context:
                 turns, cached = turns[2:], 0  # drop the oldest exchange; the rest is prefilled again
             ids = [tok.bos_id] + sum(turns, [])
+            if len(ids) >= context:
+                print(f"error: that message is {len(ids)} tokens; the model's context is {context}",
+                      file=sys.stderr)
+                turns.pop()
+                continue
             answer, shown = [], ""  # streamed; the cache is fed only what it lacks: the new user turn
             for t in generate(model, [ids[cached:]], tok.eot_id, **sampling, start_pos=cached):
                 if t.item() < 0:  # the answer has ended
                     break
                 answer.append(t.item())
-                # the whole answer: SentencePiece spacing depends on the neighbours; a multi-byte character's
-                text = tok.decode(answer).rstrip("\ufffd")  # first bytes wait for the rest
+                text = tok.decode(answer).rstrip("\ufffd")  # whole (for spacing), less a partial character
                 print(text[len(shown):], end="", flush=True)
                 shown = text
             print(tok.decode(answer)[len(shown):], flush=True)  # whatever was held back, and the newline
