@@ -12,7 +12,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 mode = parser.add_mutually_exclusive_group(required=True)
 mode.add_argument("prompt", nargs="?", help="one prompt; its answer streams to stdout")
 mode.add_argument("--chat", action="store_true", help="multi-turn chat; Ctrl-D or Ctrl-C leaves")
-mode.add_argument("--prompts", type=Path, help="text, a prompt a line, or GAIR/lima's jsonl (first turns)")
+mode.add_argument("--prompts", type=Path, help="a prompt a line, or a GAIR/lima jsonl (each first turn)")
 parser.add_argument("--output", type=Path, help="jsonl of --prompts' answers; a rerun skips those in it")
 parser.add_argument("--ckpt", type=Path, help="Meta or Hugging Face checkpoint (default: newest out/epoch_*)")
 parser.add_argument("--tokenizer", type=Path, help="SentencePiece model (default: CKPT/tokenizer.model)")
