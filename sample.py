@@ -63,7 +63,6 @@ if args.prompts:
             return enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         except UnicodeDecodeError as e:
             sys.exit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start})")
-
     prompts = []
     for n, line in numbered_lines(src):
         prompt = line.strip()
