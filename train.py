@@ -34,15 +34,14 @@ LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, act_ckpt=1, max_new_tokens=128)
 TINY = dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, act_ckpt=0, max_new_tokens=256)
 SMALLER, LARGER = dict(batch_size=64, dropout=0.2), dict(batch_size=32, dropout=0.3)
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-p.add_argument("--size", help="LLaMA-1's 7B, 13B, 33B (30B) or 65B: llama/SIZE unless --init names it; "
-               "tiny (the default without --init): the CPU demo, from scratch")
+p.add_argument("--size", help="LLaMA-1's 7B, 13B, 33B (30B) or 65B: llama/SIZE unless --init; tiny: the demo")
 p.add_argument("--init", help="a pretrained LLaMA-family directory (Meta or Hugging Face), any size")
 p.add_argument("--data", default="data/prepared", help="prepare.py's output")
 p.add_argument("--out", default="out")
 for flag, tiny in TINY.items():  # left out: the recipe's, filled in below
     lima = LIMA[flag] if flag in LIMA else f"{SMALLER[flag]} under 10B parameters, {LARGER[flag]} above"
     p.add_argument(f"--{flag}", type=type(tiny), help=f"with --init: {lima}; the tiny demo: {tiny}")
-for flag, default in dict(weight_decay=0.1, beta1=0.9, beta2=0.95, seed=1337).items():
+for flag, default in dict(weight_decay=0.1, beta1=0.9, beta2=0.95, seed=1337).items():  # AdamW's: LIMA §3
     p.add_argument(f"--{flag}", type=type(default), default=default)
 p.add_argument("--max_len", type=int, default=2048, help="trim dialogues to this many tokens")
 p.add_argument("--tokens_per_micro", type=int, default=2048, help="tokens per forward pass, padding included")
@@ -68,10 +67,11 @@ if args.init and not Path(args.init).is_dir():
         f" (--size {args.size} fine-tunes llama/{args.size} unless --init names another)" * bool(args.size)))
 fill(LIMA if args.init else TINY)  # batch size and dropout of a pretrained model: once its size is known
 for flag, ok, want in [
-        ("epochs", args.epochs >= 1, ">= 1"), ("tokens_per_micro", args.tokens_per_micro >= 1, ">= 1"),
+        ("epochs", args.epochs >= 1, ">= 1"), ("act_ckpt", args.act_ckpt in (0, 1), "0 or 1"),
         ("batch_size", args.batch_size is None or args.batch_size >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
-        ("dropout", 0 <= (args.dropout or 0) < 1, "in [0, 1)"), ("dev_samples", args.dev_samples >= 0, ">= 0"),
-        ("act_ckpt", args.act_ckpt in (0, 1), "0 or 1"), ("max_len", args.max_len >= 2, ">= 2")]:
+        ("tokens_per_micro", args.tokens_per_micro >= 1, ">= 1"), ("max_len", args.max_len >= 2, ">= 2"),
+        ("dropout", 0 <= (args.dropout or 0) < 1, "in [0, 1)"),
+        ("dev_samples", args.dev_samples >= 0, ">= 0")]:
     if not ok:
         fail(f"--{flag} {vars(args)[flag]}: expected {want}")
 try:  # the last epoch is always saved
@@ -173,21 +173,20 @@ run = {k: vars(args)[k] for k in ("epochs", "batch_size", "lr", "min_lr", "weigh
                                   "seed", "max_len", "dropout")}
 run = json.loads(json.dumps({**run, "data": data_sha, "model": vars(shape)}))  # as run.json reads back
 if args.resume:
-    saved = max((out / "resume").glob("step_*"), default=None)
-    if not saved:
+    last = max((out / "resume").glob("step_*"), default=None)
+    if not last:
         fail(f"--resume: nothing saved in {out / 'resume'}")
     try:
-        was = json.loads((saved / "run.json").read_text())
+        was = json.loads((last / "run.json").read_text())
         bad = next((k for k in run if was[k] != run[k]), None)
         model_diff = ", ".join(f"{k} {v}, not {run['model'].get(k)}" for k, v in was["model"].items()
                                if v != run["model"].get(k))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-        fail(f"--resume: {saved} is not a resume state written by this train.py ({e!r})")
+        fail(f"--resume: {last} is not a resume state written by this train.py ({e!r})")
     if bad:
         why = {"data": f"other data than --data {data} (its train.pt and dev.pt differ)",
                "model": f"another model: {model_diff}"}.get(bad, f"--{bad} {was[bad]}, not {run[bad]}")
-        fail(f"--resume: {saved} was trained with {why}; resume with the same settings, or give a fresh "
-             "--out")
+        fail(f"--resume: {last} was trained with {why}; resume with the same settings, or give a fresh --out")
 with torch.device("meta"):
     model = Transformer(shape)
 if args.act_ckpt:  # keep only each block's input; recompute the rest in the backward pass
@@ -238,9 +237,8 @@ def micro_loss(d, micro):
         ids, mask = d["ids"][i], d["mask"][i]
         x[r, : len(ids) - 1], y[r, : len(ids) - 1] = ids[:-1], torch.where(mask[1:], ids[1:], -1)
     with autocast:
-        logits = model(x.to(device))
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1,
-                           reduction="sum")
+        logits = model(x.to(device)).float()
+    loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum")
     return loss, x.numel() - sum(len(d["ids"][i]) - 1 for i in micro) if micro else 0
 
 
@@ -249,15 +247,6 @@ def all_sum(*values):
     if distributed:
         dist.all_reduce(t)
     return t.tolist()
-
-
-@torch.no_grad()
-def evaluate():
-    model.eval()
-    loss = all_sum(sum(micro_loss(dev, m)[0].item() for m in plan(dev, range(len(dev["ids"])))))[0]
-    n = sum(int(m[1:].sum()) for m in dev["mask"])
-    model.train()
-    return loss / n if n else None
 
 
 @torch.no_grad()
@@ -286,11 +275,12 @@ def save_epoch(epoch, dev_loss):
                 break
     model.clear_cache()
     model.train()
-    shares = [[{"prompt": c[0], "response": tokenizer.decode(a[: a.index(eot)] if eot in a else a),
-                "ended": eot in a} for c, a in zip(convs, answers)]] * world
-    if distributed:
-        dist.all_gather_object(shares, shares[rank])
-    rows = [shares[k % world][k // world] for k in range(n)]  # in prompt order: prompt k was rank k % world's
+    rows = [{"epoch": epoch, "dev_loss": dev_loss, "prompt": c[0], "response": tokenizer.decode(
+        a[: a.index(eot)] if eot in a else a), "ended": eot in a} for c, a in zip(convs, answers)]
+    shares = [rows] * world
+    if distributed:  # back in prompt order: prompt k was rank k % world's (k // world)-th
+        dist.all_gather_object(shares, rows)
+    rows = [shares[k % world][k // world] for k in range(n)]
     # the weights in bf16 with Hugging Face's names and q/k order, in safetensors files of <= 5 GB. Each rank
     # writes its own rows of every weight (FSDP2 shards dim 0 as torch.chunk does) where they go in the files:
     # no rank holds more than its shard and one q/k matrix, gathered as HF's order moves rows across shards
@@ -334,8 +324,7 @@ def save_epoch(epoch, dev_loss):
     for name, obj in {**hf_files(shape, tokenizer), "model.safetensors.index.json": index}.items():
         (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
     shutil.copy(data / "tokenizer.model", tmp / "tokenizer.model")
-    (tmp / "samples.jsonl").write_text("".join(json.dumps({"epoch": epoch, "dev_loss": dev_loss, **r}) + "\n"
-                                               for r in rows))
+    (tmp / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():  # replaced in two renames: a kill between them leaves the old epoch whole, under .old_
         final.rename(old)
@@ -376,13 +365,13 @@ if args.resume:  # data order, dropout masks and lr are functions of the step: w
     logging.disable(logging.WARNING)  # DCP logs a failed read's traceback, then raises: one line says it
     try:  # tensors only: the param groups (pickled, "bytes") are what the flags give
         dcp.load({"model": model_state, "optim": {"state": optim_state["state"]}},
-                 storage_reader=Reader(saved))
+                 storage_reader=Reader(last))
     except (Exception, CheckpointException) as e:  # damaged, foreign or hostile
         e = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
-        fail(f"--resume: {saved} cannot be loaded ({e!r})")
+        fail(f"--resume: {last} cannot be loaded ({e!r})")
     logging.disable(logging.NOTSET)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-start = int(saved.name[5:]) if args.resume else 0
+start = int(last.name[5:]) if args.resume else 0
 if master:  # OUT/log.jsonl: one JSON object a line, the settings first with LIMA's defaults filled in
     print(f"recipe: {preset}; {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} to "
           f"{args.min_lr:g}, dropout {args.dropout}", file=sys.stderr)
@@ -392,6 +381,7 @@ if master:  # OUT/log.jsonl: one JSON object a line, the settings first with LIM
 
 # -----------------------------------------------------------------------------
 end = min(total_steps, args.steps or total_steps)
+n_dev = sum(int(m[1:].sum()) for m in dev["mask"])  # supervised dev tokens
 # MFU per token: 6 FLOPs a matmul weight + 12 * layers * dim * T in attention over T tokens (PaLM, app. B)
 n_matmul = sum(q.numel() for q in params) - model.tok_embeddings.weight.numel()  # a lookup, not a matmul
 gpu = torch.cuda.get_device_name() if cuda else ""  # H100 SXM, PCIe, NVL differ; A100s don't
@@ -436,11 +426,15 @@ for step in bar:
                         **({"mfu": f"{log['mfu']:.0%}"} if peak else {}))
         print(json.dumps(log), file=logf)
     saving = k == steps_per_epoch - 1 or step + 1 == end
-    local = [q.to_local() if isinstance(q, DTensor) else q for q in params]
-    if saving and all_sum(torch.stack([~torch.isfinite(q).all() for q in local]).any().item())[0]:
+    if saving and all_sum(torch.stack([~torch.isfinite(q.to_local() if isinstance(q, DTensor) else q).all()
+                                       for q in params]).any().item())[0]:
         diverged("weights")
-    if k == steps_per_epoch - 1:  # end of an epoch
-        dev_loss = evaluate()
+    if k == steps_per_epoch - 1:  # end of an epoch: the dev loss
+        model.eval()
+        with torch.no_grad():
+            dev_sum = all_sum(sum(micro_loss(dev, m)[0].item() for m in plan(dev, range(len(dev["ids"])))))
+        model.train()
+        dev_loss = dev_sum[0] / n_dev if n_dev else None
         if dev_loss is not None and not math.isfinite(dev_loss):
             diverged("dev loss")
         if master:
@@ -458,6 +452,5 @@ for step in bar:
             for old in (out / "resume").iterdir():
                 if old != final:
                     shutil.rmtree(old)
-bar.close()
 if distributed:
     dist.destroy_process_group()
