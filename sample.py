@@ -1,6 +1,6 @@
-"""Talk to a LIMA model: answer a PROMPT as it streams, --chat with the history in the KV cache, or answer a
-file of --prompts in batches, resumably. LIMA's decoding (LIMA §2): nucleus sampling p = 0.9, temperature 0.7,
-a repetition penalty of 1.2 on previously generated tokens, at most 2,048 tokens; an answer ends at EOT."""
+"""Talk to a LIMA model: answer a PROMPT as it streams, --chat with the history in the KV cache, or answer
+a file of --prompts in batches, resumably. LIMA's decoding (LIMA §2): nucleus sampling p = 0.9, temperature
+0.7, a repetition penalty of 1.2 on previously generated tokens, at most 2,048 tokens, ending at EOT."""
 import argparse
 import json
 import sys
