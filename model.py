@@ -219,7 +219,7 @@ class Transformer(nn.Module):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file, key and shapes."""
+    """A checkpoint that cannot be loaded: the message names the file and what is wrong with it."""
 
 
 # Meta's model-parallel layout: how each weight was split across consolidated.NN.pth shards (norms are copied)
@@ -239,19 +239,18 @@ def expected_shapes(args: ModelArgs) -> dict:
 
 def load_checkpoint(path) -> tuple:
     """(ModelArgs, state dict in Meta's names) of a Meta or Hugging Face LLaMA directory, every key and shape
-    checked. Single-file tensors stay memory-mapped; Meta shards are merged one file at a time."""
+    checked by load_state_dict. Tensors stay memory-mapped; Meta's shards are read one at a time."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / "params.json").exists():
-        args, state_dict = _load_meta(path)
-    elif (path / "config.json").exists():
-        args, state_dict = _load_hf(path)
-    else:
+    if not (path / "params.json").exists() and not (path / "config.json").exists():
         raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face) found")
-    missing = expected_shapes(args).keys() - state_dict.keys()
-    if missing:
-        raise CheckpointError(f"{path}: missing {len(missing)} weights, e.g. {sorted(missing)[0]!r}")
+    try:  # shards that do not fit together, missing or unexpected keys, wrong shapes: PyTorch names them
+        args, state_dict = _load_meta(path) if (path / "params.json").exists() else _load_hf(path)
+        with torch.device("meta"):
+            Transformer(args).load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: {' '.join(str(e).split())}") from None
     return args, state_dict
 
 
@@ -269,63 +268,34 @@ def _torch_load(file: Path) -> dict:
         raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint ({e})") from None
 
 
-def _check(file, name, shapes, shape):
-    if name not in shapes:
-        raise CheckpointError(f"{file}: unexpected key {name!r}")
-    if tuple(shape) != tuple(shapes[name]):
-        raise CheckpointError(f"{file}: {name} has shape {tuple(shape)}, expected {tuple(shapes[name])}")
-
-
 def _load_meta(path: Path) -> tuple:
     params = _read_json(path / "params.json")
-    known = {f.name for f in fields(ModelArgs)}
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shard")
-    for i, file in enumerate(files):
-        if file.name != f"consolidated.{i:02d}.pth":
-            found = ", ".join(f.name for f in files)
-            raise CheckpointError(f"{path}/consolidated.{i:02d}.pth: missing shard (found {found})")
-    first = _torch_load(files[0])
-    if "tok_embeddings.weight" not in first:
+    embedding = _torch_load(files[0]).get("tok_embeddings.weight")
+    if embedding is None:
         raise CheckpointError(f"{files[0]}: no tok_embeddings.weight")
     try:
         if params.get("vocab_size", -1) <= 0:  # Meta's params.json says -1: the tokenizer decides
-            params["vocab_size"] = first["tok_embeddings.weight"].shape[0]
-        args = ModelArgs(**{k: v for k, v in params.items() if k in known})
-        shapes = expected_shapes(args)
+            params["vocab_size"] = embedding.shape[0]
+        args = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
+        n = args.dim // embedding.shape[1]  # how many ways the release was split
+        expected_shapes(args)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'params.json'}: not LLaMA's parameters ({e})") from None
-    n = len(files)
-    split = args.dim // first["tok_embeddings.weight"].shape[1]  # how many ways the release was split
-    if split != n:
-        raise CheckpointError(f"{path / f'consolidated.{n:02d}.pth'}: missing shard (weights are split {split} "
-                              f"ways, found {n} files)")
+    pieces = {}
+    for i in range(n):  # one shard mapped at a time, its pieces copied out: never a second full copy
+        file = path / f"consolidated.{i:02d}.pth"
+        if not file.exists():
+            raise CheckpointError(f"{file}: missing shard (the weights are split {n} ways)")
+        for name, tensor in _torch_load(file).items():
+            pieces.setdefault(name, []).append(tensor if n == 1 else tensor.clone())
+    pieces.pop("rope.freqs", None)  # recomputed, not learned
     state_dict = {}
-    for i, file in enumerate(files):
-        shard, first = (first if i == 0 else _torch_load(file)), None
-        for name, tensor in shard.items():
-            if name == "rope.freqs":  # recomputed, not learned
-                continue
-            if name not in shapes:
-                raise CheckpointError(f"{file}: unexpected key {name!r}")
-            dim = META_SPLIT_DIM.get(name.split(".")[-2])
-            if dim is None or n == 1:  # replicated (norms) or a single shard: take it whole
-                _check(file, name, shapes, tensor.shape)
-                if i == 0:
-                    state_dict[name] = tensor if n == 1 else tensor.clone()  # clone: let the shard's pages go
-                continue
-            full = shapes[name]
-            part = full[dim] // n
-            want = full[:dim] + (part,) + full[dim + 1 :]
-            if full[dim] % n or tuple(tensor.shape) != tuple(want):
-                raise CheckpointError(
-                    f"{file}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want)} "
-                    f"(1/{n} of {tuple(full)} for {n} shards)")
-            if name not in state_dict:
-                state_dict[name] = torch.empty(full, dtype=tensor.dtype)
-            state_dict[name].narrow(dim, i * part, part).copy_(tensor)
-        del shard  # unmap this shard before reading the next
+    for name in list(pieces):  # each weight's pieces are freed once merged
+        parts, dim = pieces.pop(name), META_SPLIT_DIM.get(name.split(".")[-2])
+        state_dict[name] = parts[0] if n == 1 or dim is None else torch.cat(parts, dim)
     return args, state_dict
 
 
@@ -364,44 +334,40 @@ def _load_hf(path: Path) -> tuple:
             norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
             max_seq_len=config.get("max_position_embeddings", 2048))
-        shapes = expected_shapes(args)
+        expected_shapes(args)
     except KeyError as e:
         raise CheckpointError(f"{path / 'config.json'}: no {e.args[0]!r}, expected a LLaMA config") from None
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'config.json'}: not a LLaMA config ({e})") from None
-    index = next((f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (path / f).exists()), None)
+    index = next((f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (path / f).exists()),
+                 None)
     if index:
         files = sorted({path / f for f in _read_json(path / index)["weight_map"].values()})
     else:
         files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"{path}: config.json but no model*.safetensors or pytorch_model*.bin")
-    head_dim = dim // args.n_heads
     state_dict = {}
     for file in files:
         if not file.exists():
             raise CheckpointError(f"{file}: missing shard listed in {path / index}")
-        if file.suffix == ".safetensors":
+        if file.suffix == ".bin":
+            tensors = _torch_load(file)
+        else:
             try:
                 from safetensors import safe_open
+                with safe_open(file, framework="pt") as f:
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
             except ImportError:
                 raise CheckpointError(f"{file}: reading it needs the safetensors package (pip install "
                                       "safetensors)") from None
-            try:
-                with safe_open(file, framework="pt") as f:
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
             except Exception as e:  # a header that lies about shapes, offsets or dtypes
                 raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
-        else:
-            tensors = _torch_load(file)
-        for hf_name, tensor in tensors.items():
-            if hf_name.endswith("rotary_emb.inv_freq"):  # recomputed, not learned
-                continue
-            name = _hf_name(hf_name)
-            _check(file, name, shapes, tensor.shape)
-            if name.endswith(("wq.weight", "wk.weight")):
-                tensor = hf_rotary_order(tensor, head_dim, to_hf=False)
-            state_dict[name] = tensor
+        for name, tensor in tensors.items():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                tensor = hf_rotary_order(tensor, dim // args.n_heads, to_hf=False)
+            if not name.endswith("rotary_emb.inv_freq"):  # recomputed, not learned
+                state_dict[_hf_name(name)] = tensor
     return args, state_dict
 
 
