@@ -145,10 +145,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, pos=None):
         """tokens (B, T) -> logits (B, T, vocab), each token attending to those before it. Decoding
-        (setup_cache): pos (B, T) are the tokens' positions; their keys and values are cached there and each
-        attends to every cached position up to its own, so each row sits at its own positions."""
-        h = self.tok_embeddings(tokens)
-        mask = None
+        (setup_cache): pos (B, T) are the tokens' positions, where their keys and values are cached."""
+        h, mask = self.tok_embeddings(tokens), None
         if pos is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             cos, sin = rope(self.args.dim // self.args.n_heads, positions, self.args.rope_theta)
@@ -190,14 +188,13 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, vocab_size: int | None = None, dtype=None, dropout: float = 0.0):
-        """A LLaMA directory (load_checkpoint), its memory-mapped tensors filled into a model built on the
-        meta device: no second full copy is ever held. vocab_size is the tokenizer's with EOT: a base LLaMA
-        (one token short) grows by EOT, any other size is refused."""
+        """A LLaMA directory (load_checkpoint) memory-mapped into a model built on the meta device: never a
+        second copy. vocab_size is the tokenizer's: a base LLaMA (one token short) grows by EOT."""
         args, state_dict = load_checkpoint(path)
         if vocab_size is not None and args.vocab_size not in (vocab_size - 1, vocab_size):
-            raise CheckpointError(
-                f"{path} has {args.vocab_size} tokens, expected {vocab_size - 1} (a base LLaMA) or {vocab_size} "
-                "(with EOT): it was not trained with this tokenizer")
+            raise CheckpointError(f"{path} has {args.vocab_size} tokens, expected {vocab_size - 1} (a base "
+                                  f"LLaMA) or {vocab_size} (with EOT): it was not trained with this "
+                                  "tokenizer")
         args.dropout = dropout
         dtype = dtype or next(iter(state_dict.values())).dtype
         with torch.device("meta"):
@@ -289,7 +286,6 @@ def _torch_load(file: Path) -> dict:
 
 
 def _meta_args(path: Path) -> tuple:
-    """ModelArgs from params.json and the shards' files, which the embedding's width tells how many."""
     params = _read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
@@ -301,7 +297,7 @@ def _meta_args(path: Path) -> tuple:
         if params.get("vocab_size", -1) <= 0:  # Meta's params.json says -1: the tokenizer decides
             params["vocab_size"] = embedding.shape[0]
         args = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
-        n = args.dim // embedding.shape[1]
+        n = args.dim // embedding.shape[1]  # how many ways the release was split
         expected_shapes(args)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'params.json'}: not LLaMA's parameters ({e})") from None
@@ -313,7 +309,6 @@ def _meta_args(path: Path) -> tuple:
 
 
 def _hf_args(path: Path) -> tuple:
-    """ModelArgs from config.json, and the weights' files: those an index lists, or the one file."""
     config = _read_json(path / "config.json")
     try:  # RoPE's base: at the top level or in rope_parameters (transformers 5); plain RoPE only
         rope_parameters, scaling = config.get("rope_parameters") or {}, config.get("rope_scaling") or {}
