@@ -470,9 +470,8 @@ def top_p_filter(probs, top_p: float, k: int = 64):
 
 
 def penalize(logits, seen, penalty: float):
-    """Repetition penalty (Keskar et al., 2019) on the tokens seen (B, vocab, bool), those already produced in
-    this answer: their positive logits are divided by penalty and their negative ones multiplied, so either
-    way they become less likely. Other tokens' logits are unchanged."""
+    """Repetition penalty (Keskar et al., 2019) on the tokens seen (B, vocab, bool) in this answer: positive
+    logits are divided by penalty, negative ones multiplied, so either way less likely; others unchanged."""
     if penalty == 1.0 or seen is None:
         return logits
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
