@@ -229,8 +229,7 @@ def expected_shapes(args: ModelArgs) -> dict:
 
 def load_checkpoint(path) -> tuple:
     """(ModelArgs, state dict in Meta's names) of a LLaMA directory, keys and shapes checked by
-    load_state_dict. A lone file stays memory-mapped; of several, one at a time is mapped and its tensors
-    copied out, then Meta's shards are joined with one cat per weight: never a second full copy."""
+    load_state_dict. A lone file stays memory-mapped; Meta's shards are joined with one cat per weight."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -240,26 +239,14 @@ def load_checkpoint(path) -> tuple:
         args, files = _hf_args(path)
     else:
         raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face)")
-    pieces = {}
-    for file in files:
-        if file.suffix != ".safetensors":
-            tensors = _torch_load(file)
-        else:
-            try:
-                from safetensors import safe_open
-                with safe_open(file, framework="pt") as f:
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
-            except ImportError:
-                raise CheckpointError(f"{file}: reading it needs the safetensors package (pip install "
-                                      "safetensors)") from None
-            except Exception as e:  # a header that lies about shapes, offsets or dtypes
-                raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
-        for name, tensor in tensors.items():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                tensor = hf_rotary_order(tensor, args.dim // args.n_heads, to_hf=False)
-            if not name.endswith(("rope.freqs", "rotary_emb.inv_freq")):  # recomputed, not learned
-                pieces.setdefault(_hf_name(name), []).append(tensor if len(files) == 1 else tensor.clone())
+    pieces, copy = {}, len(files) > 1  # of several files one at a time is mapped: its tensors are copied out
     try:  # shards that do not fit together, missing or unexpected keys, wrong shapes: PyTorch names them
+        for file in files:
+            for name, tensor in _load_file(file).items():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    tensor = hf_rotary_order(tensor, args.dim // args.n_heads, to_hf=False)
+                if not name.endswith(("rope.freqs", "rotary_emb.inv_freq")):  # recomputed, not learned
+                    pieces.setdefault(_hf_name(name), []).append(tensor.clone() if copy else tensor)
         state_dict = {}
         for name in list(pieces):  # pop: each weight's pieces are freed once joined
             parts, dim = pieces.pop(name), META_SPLIT_DIM.get(name.split(".")[-2])
@@ -278,11 +265,23 @@ def _read_json(file: Path) -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
-def _torch_load(file: Path) -> dict:
+def _load_file(file: Path) -> dict:
+    """The tensors of a .pth or .bin file (weights only, memory-mapped) or of a .safetensors file."""
+    if file.suffix != ".safetensors":
+        try:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
+            raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint "
+                                  f"({e})") from None
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
-        raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint ({e})") from None
+        from safetensors import safe_open
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except ImportError:
+        raise CheckpointError(f"{file}: reading it needs the safetensors package (pip install "
+                              "safetensors)") from None
+    except Exception as e:  # a header that lies about shapes, offsets or dtypes
+        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
 
 
 def _meta_args(path: Path) -> tuple:
@@ -290,7 +289,7 @@ def _meta_args(path: Path) -> tuple:
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shard")
-    embedding = _torch_load(files[0]).get("tok_embeddings.weight")
+    embedding = _load_file(files[0]).get("tok_embeddings.weight")
     if embedding is None:
         raise CheckpointError(f"{files[0]}: no tok_embeddings.weight")
     try:
