@@ -35,8 +35,7 @@ class ModelArgs:
             "7B": dict(dim=4096, n_layers=32, n_heads=32),
             "13B": dict(dim=5120, n_layers=40, n_heads=40),
             "33B": dict(dim=6656, n_layers=60, n_heads=52),
-            "65B": dict(dim=8192, n_layers=80, n_heads=64),
-        }
+            "65B": dict(dim=8192, n_layers=80, n_heads=64)}
         sizes["30B"] = sizes["33B"]  # Meta's release calls 33B "30B"
         if name not in sizes:
             raise ValueError(f"unknown size {name!r}, expected one of {', '.join(sizes)}")
@@ -134,8 +133,8 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        # from a given weight: Embedding's own init (normal_) on the meta device costs seconds of imports
-        self.tok_embeddings = nn.Embedding.from_pretrained(torch.empty(args.vocab_size, args.dim), False)
+        weight = torch.empty(args.vocab_size, args.dim)  # set below: Embedding's own init on meta is slow
+        self.tok_embeddings = nn.Embedding.from_pretrained(weight, freeze=False)
         self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -449,9 +448,8 @@ class Tokenizer:
 # Sampling (LIMA §2: nucleus p=0.9, temperature 0.7, repetition penalty 1.2 on previously generated tokens)
 
 def top_p_filter(probs, top_p: float, k: int = 64):
-    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p. When the k
-    most likely tokens already reach it (nearly always, after a softmax at temperature 0.7) only they are
-    ranked, else the whole vocabulary is sorted: the same result either way."""
+    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p. Only the k
+    most likely are ranked when they reach it (nearly always at temperature 0.7): as a full sort would."""
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
 
