@@ -228,17 +228,16 @@ def expected_shapes(args: ModelArgs) -> dict:
 
 def load_checkpoint(path) -> tuple:
     """(ModelArgs, state dict in Meta's names) of a LLaMA directory, keys and shapes checked by
-    load_state_dict. A lone file stays memory-mapped; Meta's shards are joined with one cat per weight."""
+    load_state_dict. Meta's model-parallel shards are joined with one cat per weight."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / "params.json").exists():
-        args, files = _meta_args(path)
-    elif (path / "config.json").exists():
-        args, files = _hf_args(path)
-    else:
+    meta = (path / "params.json").exists()
+    if not meta and not (path / "config.json").exists():
         raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face)")
-    pieces, copy = {}, len(files) > 1  # of several files one at a time is mapped: its tensors are copied out
+    args, files = _meta_args(path) if meta else _hf_args(path)
+    # Meta's shards are mapped one at a time and copied out to be joined; other files stay memory-mapped
+    pieces, copy = {}, meta and len(files) > 1
     try:  # shards that do not fit together, missing or unexpected keys, wrong shapes: PyTorch names them
         for file in files:
             for name, tensor in _load_file(file).items():
