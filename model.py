@@ -7,7 +7,6 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -19,10 +18,10 @@ class ModelArgs:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # < n_heads: grouped-query attention (Llama-2 34B/70B)
+    n_kv_heads: int | None = None  # < n_heads: grouped-query attention (Llama-2 34B/70B)
     vocab_size: int = 32000
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
@@ -36,8 +35,7 @@ class ModelArgs:
             "7B": dict(dim=4096, n_layers=32, n_heads=32),
             "13B": dict(dim=5120, n_layers=40, n_heads=40),
             "33B": dict(dim=6656, n_layers=60, n_heads=52),
-            "65B": dict(dim=8192, n_layers=80, n_heads=64),
-        }
+            "65B": dict(dim=8192, n_layers=80, n_heads=64)}
         sizes["30B"] = sizes["33B"]  # Meta's release calls 33B "30B"
         if name not in sizes:
             raise ValueError(f"unknown size {name!r}, expected one of {', '.join(sizes)}")
@@ -135,24 +133,19 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        # _weight: skip Embedding's own init, done below (normal_ on the meta device costs seconds of imports)
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        weight = torch.empty(args.vocab_size, args.dim)  # set below: Embedding's own init on meta is slow
+        self.tok_embeddings = nn.Embedding.from_pretrained(weight, freeze=False)
         self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.apply(self._init_weights)  # only matters for a model trained from scratch (tiny)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for module in self.modules():  # only matters for a model trained from scratch (tiny)
+            if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, pos=None):
         """tokens (B, T) -> logits (B, T, vocab), each token attending to those before it. Decoding
-        (setup_cache): pos (B, T) are the tokens' positions; their keys and values are cached there and each
-        attends to every cached position up to its own, so each row sits at its own positions."""
-        h = self.tok_embeddings(tokens)
-        mask = None
+        (setup_cache): pos (B, T) are the tokens' positions, where their keys and values are cached."""
+        h, mask = self.tok_embeddings(tokens), None
         if pos is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             cos, sin = rope(self.args.dim // self.args.n_heads, positions, self.args.rope_theta)
@@ -166,11 +159,10 @@ class Transformer(nn.Module):
         """Allocate a key/value cache for decoding up to max_len positions (prompt included), and the RoPE
         angles (float32, whatever the model's dtype) and causal mask of those positions."""
         p = self.output.weight
-        for layer in self.layers:
-            a = layer.attention
-            shape = (batch_size, a.n_kv_heads, max_len, a.head_dim)
-            a.cache_k = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
-            a.cache_v = torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)
+        for a in (layer.attention for layer in self.layers):
+            a.cache_k = torch.zeros(batch_size, a.n_kv_heads, max_len, a.head_dim, dtype=dtype or p.dtype,
+                                    device=p.device)
+            a.cache_v = torch.zeros_like(a.cache_k)
         positions = torch.arange(max_len, device=p.device)
         head_dim = self.args.dim // self.args.n_heads
         self.rope_cos, self.rope_sin = rope(head_dim, positions, self.args.rope_theta)
@@ -194,42 +186,39 @@ class Transformer(nn.Module):
         self.tok_embeddings.num_embeddings = self.output.out_features = self.args.vocab_size = vocab_size
 
     @classmethod
-    def from_pretrained(cls, path, vocab_size: Optional[int] = None, dtype=None, dropout: float = 0.0):
-        """Load a Meta-layout (params.json + consolidated.NN.pth) or Hugging Face (config.json + safetensors or
-        .bin) LLaMA directory. vocab_size is the tokenizer's with EOT: a base LLaMA (one token short) grows by EOT,
-        any other size is refused. Tensors are memory-mapped and filled into a model built on the meta device, so
-        no second full copy is ever held."""
+    def from_pretrained(cls, path, vocab_size: int | None = None, dtype=None, dropout: float = 0.0):
+        """A LLaMA directory (load_checkpoint) memory-mapped into a model built on the meta device: never a
+        second copy. vocab_size is the tokenizer's: a base LLaMA (one token short) grows by EOT."""
         args, state_dict = load_checkpoint(path)
         if vocab_size is not None and args.vocab_size not in (vocab_size - 1, vocab_size):
-            raise CheckpointError(f"{path} has {args.vocab_size} tokens, expected {vocab_size - 1} (a base LLaMA) or "
-                                  f"{vocab_size} (with EOT): it was not trained with this tokenizer")
+            raise CheckpointError(f"{path} has {args.vocab_size} tokens, expected {vocab_size - 1} (a base "
+                                  f"LLaMA) or {vocab_size} (with EOT): it was not trained with this "
+                                  "tokenizer")
         args.dropout = dropout
         dtype = dtype or next(iter(state_dict.values())).dtype
         with torch.device("meta"):
             model = cls(args)
-        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-        model.load_state_dict(state_dict, assign=True)
+        model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, assign=True)
         if vocab_size is not None and vocab_size != args.vocab_size:
             model.grow_vocab(vocab_size)
         return model
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
-
+# Checkpoints: Meta's layout (params.json, consolidated.NN.pth) or Hugging Face's (config.json, weights)
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file, key and shapes."""
+    """A checkpoint that cannot be loaded: the message names the file and what is wrong with it."""
 
 
-# Meta's model-parallel layout: how each weight was split across consolidated.NN.pth shards (norms are copied)
-META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
-HF_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-    "model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output",
-}
+# Meta's model-parallel layout: the dim each weight was split on across consolidated.NN.pth (norms are copied)
+META_SPLIT_DIM = dict(wq=0, wk=0, wv=0, w1=0, w3=0, output=0, wo=1, w2=1, tok_embeddings=1)
+HF_NAMES = {  # Hugging Face's module names -> Meta's
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "lm_head": "output",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "model.norm": "norm",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "model.embed_tokens": "tok_embeddings"}
 
 
 def expected_shapes(args: ModelArgs) -> dict:
@@ -238,20 +227,32 @@ def expected_shapes(args: ModelArgs) -> dict:
 
 
 def load_checkpoint(path) -> tuple:
-    """(ModelArgs, state dict in Meta's names) of a Meta or Hugging Face LLaMA directory, every key and shape
-    checked. Single-file tensors stay memory-mapped; Meta shards are merged one file at a time."""
+    """(ModelArgs, state dict in Meta's names) of a LLaMA directory, keys and shapes checked by
+    load_state_dict. Meta's model-parallel shards are joined with one cat per weight."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / "params.json").exists():
-        args, state_dict = _load_meta(path)
-    elif (path / "config.json").exists():
-        args, state_dict = _load_hf(path)
-    else:
-        raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face) found")
-    missing = expected_shapes(args).keys() - state_dict.keys()
-    if missing:
-        raise CheckpointError(f"{path}: missing {len(missing)} weights, e.g. {sorted(missing)[0]!r}")
+    meta = (path / "params.json").exists()
+    if not meta and not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face)")
+    args, files = _meta_args(path) if meta else _hf_args(path)
+    # Meta's shards are mapped one at a time and copied out to be joined; other files stay memory-mapped
+    pieces, copy = {}, meta and len(files) > 1
+    try:  # shards that do not fit together, missing or unexpected keys, wrong shapes: PyTorch names them
+        for file in files:
+            for name, tensor in _load_file(file).items():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    tensor = hf_rotary_order(tensor, args.dim // args.n_heads, to_hf=False)
+                if not name.endswith(("rope.freqs", "rotary_emb.inv_freq")):  # recomputed, not learned
+                    pieces.setdefault(_hf_name(name), []).append(tensor.clone() if copy else tensor)
+        state_dict = {}
+        for name in list(pieces):  # pop: each weight's pieces are freed once joined
+            parts, dim = pieces.pop(name), META_SPLIT_DIM.get(name.split(".")[-2])
+            state_dict[name] = parts[0] if len(parts) == 1 or dim is None else torch.cat(parts, dim)
+        with torch.device("meta"):
+            Transformer(args).load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: {' '.join(str(e).split())}") from None
     return args, state_dict
 
 
@@ -262,71 +263,80 @@ def _read_json(file: Path) -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
-def _torch_load(file: Path) -> dict:
+def _load_file(file: Path) -> dict:
+    """The tensors of a .pth or .bin file (weights only, memory-mapped) or of a .safetensors file."""
+    if file.suffix != ".safetensors":
+        try:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
+            raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint "
+                                  f"({e})") from None
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
-        raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint ({e})") from None
+        from safetensors import safe_open
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except ImportError:
+        raise CheckpointError(f"{file}: reading it needs the safetensors package (pip install "
+                              "safetensors)") from None
+    except Exception as e:  # a header that lies about shapes, offsets or dtypes
+        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
 
 
-def _check(file, name, shapes, shape):
-    if name not in shapes:
-        raise CheckpointError(f"{file}: unexpected key {name!r}")
-    if tuple(shape) != tuple(shapes[name]):
-        raise CheckpointError(f"{file}: {name} has shape {tuple(shape)}, expected {tuple(shapes[name])}")
-
-
-def _load_meta(path: Path) -> tuple:
+def _meta_args(path: Path) -> tuple:
     params = _read_json(path / "params.json")
-    known = {f.name for f in fields(ModelArgs)}
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shard")
-    for i, file in enumerate(files):
-        if file.name != f"consolidated.{i:02d}.pth":
-            found = ", ".join(f.name for f in files)
-            raise CheckpointError(f"{path}/consolidated.{i:02d}.pth: missing shard (found {found})")
-    first = _torch_load(files[0])
-    if "tok_embeddings.weight" not in first:
+    embedding = _load_file(files[0]).get("tok_embeddings.weight")
+    if embedding is None:
         raise CheckpointError(f"{files[0]}: no tok_embeddings.weight")
     try:
         if params.get("vocab_size", -1) <= 0:  # Meta's params.json says -1: the tokenizer decides
-            params["vocab_size"] = first["tok_embeddings.weight"].shape[0]
-        args = ModelArgs(**{k: v for k, v in params.items() if k in known})
-        shapes = expected_shapes(args)
+            params["vocab_size"] = embedding.shape[0]
+        args = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
+        n = args.dim // embedding.shape[1]  # how many ways the release was split
+        expected_shapes(args)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'params.json'}: not LLaMA's parameters ({e})") from None
-    n = len(files)
-    split = args.dim // first["tok_embeddings.weight"].shape[1]  # how many ways the release was split
-    if split != n:
-        raise CheckpointError(f"{path / f'consolidated.{n:02d}.pth'}: missing shard (weights are split {split} "
-                              f"ways, found {n} files)")
-    state_dict = {}
-    for i, file in enumerate(files):
-        shard, first = (first if i == 0 else _torch_load(file)), None
-        for name, tensor in shard.items():
-            if name == "rope.freqs":  # recomputed, not learned
-                continue
-            if name not in shapes:
-                raise CheckpointError(f"{file}: unexpected key {name!r}")
-            dim = META_SPLIT_DIM.get(name.split(".")[-2])
-            if dim is None or n == 1:  # replicated (norms) or a single shard: take it whole
-                _check(file, name, shapes, tensor.shape)
-                if i == 0:
-                    state_dict[name] = tensor if n == 1 else tensor.clone()  # clone: let the shard's pages go
-                continue
-            full = shapes[name]
-            part = full[dim] // n
-            want = full[:dim] + (part,) + full[dim + 1 :]
-            if full[dim] % n or tuple(tensor.shape) != tuple(want):
-                raise CheckpointError(
-                    f"{file}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want)} "
-                    f"(1/{n} of {tuple(full)} for {n} shards)")
-            if name not in state_dict:
-                state_dict[name] = torch.empty(full, dtype=tensor.dtype)
-            state_dict[name].narrow(dim, i * part, part).copy_(tensor)
-        del shard  # unmap this shard before reading the next
-    return args, state_dict
+    files = [path / f"consolidated.{i:02d}.pth" for i in range(n)]
+    for file in files:
+        if not file.exists():
+            raise CheckpointError(f"{file}: missing shard (the weights are split {n} ways)")
+    return args, files
+
+
+def _hf_args(path: Path) -> tuple:
+    config = _read_json(path / "config.json")
+    try:  # RoPE's base: at the top level or in rope_parameters (transformers 5); plain RoPE only
+        rope_parameters, scaling = config.get("rope_parameters") or {}, config.get("rope_scaling") or {}
+        rope_theta = rope_parameters.get("rope_theta", 10000.0)
+        for kind in (rope_parameters.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+            if kind not in (None, "default"):
+                raise ValueError(f"RoPE scaling {kind!r} is not implemented")
+        dim, hidden = config["hidden_size"], config["intermediate_size"]
+        args = ModelArgs(
+            dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+            n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
+            # HF stores the SwiGLU width itself; these two reproduce it through Meta's rounding rule
+            multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
+            norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", rope_theta),
+            max_seq_len=config.get("max_position_embeddings", 2048))
+        expected_shapes(args)
+    except KeyError as e:
+        raise CheckpointError(f"{path / 'config.json'}: no {e.args[0]!r}, expected a LLaMA config") from None
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: not a LLaMA config ({e})") from None
+    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
+        if index.exists():
+            files = sorted({path / f for f in _read_json(index)["weight_map"].values()})
+            for file in files:
+                if not file.exists():
+                    raise CheckpointError(f"{file}: missing shard listed in {index}")
+            return args, files
+    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{path}: config.json but no model*.safetensors or pytorch_model*.bin")
+    return args, files
 
 
 def _hf_name(name: str, to_hf: bool = False) -> str:
@@ -348,66 +358,8 @@ def hf_rotary_order(w, head_dim: int, to_hf: bool):
     return w.reshape(-1, *halves, w.shape[-1]).transpose(1, 2).reshape(w.shape)
 
 
-def _load_hf(path: Path) -> tuple:
-    config = _read_json(path / "config.json")
-    try:  # RoPE's base: at the top level or in rope_parameters (transformers 5); plain RoPE only
-        rope, scaling = config.get("rope_parameters") or {}, config.get("rope_scaling") or {}
-        for kind in (rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
-            if kind not in (None, "default"):
-                raise ValueError(f"RoPE scaling {kind!r} is not implemented")
-        dim, hidden = config["hidden_size"], config["intermediate_size"]
-        args = ModelArgs(
-            dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
-            # HF stores the SwiGLU width itself; these two reproduce it through Meta's rounding rule
-            multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            max_seq_len=config.get("max_position_embeddings", 2048))
-        shapes = expected_shapes(args)
-    except KeyError as e:
-        raise CheckpointError(f"{path / 'config.json'}: no {e.args[0]!r}, expected a LLaMA config") from None
-    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: not a LLaMA config ({e})") from None
-    index = next((f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (path / f).exists()), None)
-    if index:
-        files = sorted({path / f for f in _read_json(path / index)["weight_map"].values()})
-    else:
-        files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    if not files:
-        raise CheckpointError(f"{path}: config.json but no model*.safetensors or pytorch_model*.bin")
-    head_dim = dim // args.n_heads
-    state_dict = {}
-    for file in files:
-        if not file.exists():
-            raise CheckpointError(f"{file}: missing shard listed in {path / index}")
-        if file.suffix == ".safetensors":
-            try:
-                from safetensors import safe_open
-            except ImportError:
-                raise CheckpointError(f"{file}: reading it needs the safetensors package (pip install "
-                                      "safetensors)") from None
-            try:
-                with safe_open(file, framework="pt") as f:
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
-            except Exception as e:  # a header that lies about shapes, offsets or dtypes
-                raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
-        else:
-            tensors = _torch_load(file)
-        for hf_name, tensor in tensors.items():
-            if hf_name.endswith("rotary_emb.inv_freq"):  # recomputed, not learned
-                continue
-            name = _hf_name(hf_name)
-            _check(file, name, shapes, tensor.shape)
-            if name.endswith(("wq.weight", "wk.weight")):
-                tensor = hf_rotary_order(tensor, head_dim, to_hf=False)
-            state_dict[name] = tensor
-    return args, state_dict
-
-
 # -----------------------------------------------------------------------------
-# Saving in Hugging Face's layout, the inverse of _load_hf: train.py writes the weights, hf_files the rest
-
+# Saving in Hugging Face's layout, the inverse of loading: train.py writes the weights, hf_files the rest
 
 def hf_files(args: ModelArgs, tok: "Tokenizer") -> dict:
     """config.json, generation_config.json and the tokenizer's files (as JSON objects) of a LIMA model. EOT is
@@ -460,7 +412,6 @@ def hf_files(args: ModelArgs, tok: "Tokenizer") -> dict:
 # -----------------------------------------------------------------------------
 # Tokenizer
 
-
 class Tokenizer:
     """LLaMA's SentencePiece model plus LIMA's end-of-turn token EOT, a new id after the base vocabulary.
     EOT ends every utterance; no role tags: turns alternate, user first (LIMA §2)."""
@@ -468,22 +419,19 @@ class Tokenizer:
     def __init__(self, path):
         import sentencepiece as spm
 
-        path = Path(path)
-        if not path.is_file():
+        self.path = Path(path)
+        if not self.path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer model not found")
-        self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.bos_id = self.sp.bos_id()
-        self.eos_id = self.sp.eos_id()
-        self.eot_id = self.sp.vocab_size()
+        self.bos_id, self.eos_id, self.eot_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.vocab_size()
         self.n_words = self.eot_id + 1
 
     def encode(self, text: str) -> list:
         return self.sp.encode(text)
 
     def encode_dialogue(self, turns: list) -> tuple:
-        """BOS, then each turn followed by EOT. mask is true on the assistant's tokens and their EOT:
-        the tokens the loss trains on."""
+        """BOS, then each turn followed by EOT. mask is true on the assistant's tokens and their EOT: the
+        tokens the loss trains on."""
         ids, mask = [self.bos_id], [False]
         for i, turn in enumerate(turns):
             piece = self.encode(turn) + [self.eot_id]
@@ -498,11 +446,9 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # Sampling (LIMA §2: nucleus p=0.9, temperature 0.7, repetition penalty 1.2 on previously generated tokens)
 
-
 def top_p_filter(probs, top_p: float, k: int = 64):
-    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p. When the k
-    most likely tokens already reach it (nearly always, after a softmax at temperature 0.7) only they are
-    ranked, else the whole vocabulary is sorted: the same result either way."""
+    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p. Only the k
+    most likely are ranked when they reach it (nearly always at temperature 0.7): as a full sort would."""
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
 
@@ -520,9 +466,8 @@ def top_p_filter(probs, top_p: float, k: int = 64):
 
 
 def penalize(logits, seen, penalty: float):
-    """Repetition penalty (Keskar et al., 2019) on the tokens seen (B, vocab, bool), those already produced in
-    this answer: their positive logits are divided by penalty and their negative ones multiplied, so either
-    way they become less likely. Other tokens' logits are unchanged."""
+    """Repetition penalty (Keskar et al., 2019) on the tokens seen (B, vocab, bool) in this answer: positive
+    logits are divided by penalty, negative ones multiplied, so either way less likely; others unchanged."""
     if penalty == 1.0 or seen is None:
         return logits
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
@@ -543,16 +488,14 @@ def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penal
 def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperature=0.7, top_p=0.9,
              repetition_penalty=1.2, generator=None, start_pos: int = 0, compile: bool = False):
     """Decode a batch of prompts (lists of ids) with a KV cache; yields a (B,) tensor of next tokens per step,
-    one model forward each. A row ends after stop_id, max_new_tokens or the end of the context, just as it
-    would alone, and yields -1 from then on; the last token yielded is not fed to the model. If the model has
-    a cache (setup_cache), one prompt continues what it holds at positions < start_pos (a chat's earlier
-    turns) and the cache is kept; otherwise one is made for this call. compile: the decode step through
-    torch.compile (on CUDA a CUDA graph)."""
-    device = model.output.weight.device
-    B, L = len(prompts), max(map(len, prompts))
+    one model forward each. A row ends after stop_id, max_new_tokens or the end of the context, as it would
+    alone, and yields -1 from then on; the last token yielded is not fed to the model. With a cache made by
+    setup_cache, one prompt continues what it holds at positions < start_pos (a chat's earlier turns) and the
+    cache is kept; else one is made for this call. compile: the decode step through torch.compile."""
+    device, lens = model.output.weight.device, [len(p) for p in prompts]
+    B, L = len(lens), max(lens)
     own_cache = model.layers[0].attention.cache_k is None
     context = model.args.max_seq_len if own_cache else model.layers[0].attention.cache_k.shape[2]
-    lens = [len(p) for p in prompts]
     limits = [min(max_new_tokens, context - start_pos - n) for n in lens]  # each row's own room
     if max(limits) < 1:
         return

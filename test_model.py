@@ -233,12 +233,12 @@ def test_missing_shard(meta_dir):
 def test_unknown_key_and_shape_mismatch(meta_dir):
     shard = torch.load(meta_dir / "consolidated.01.pth", weights_only=True)
     torch.save({**shard, "layers.0.attention.bias": torch.zeros(3)}, meta_dir / "consolidated.01.pth")
-    with pytest.raises(CheckpointError, match=r"consolidated.01.pth: unexpected key 'layers.0.attention.bias'"):
+    with pytest.raises(CheckpointError, match=rf"{meta_dir}: .*Unexpected key\(s\) .*\"layers.0.attention.bias\""):
         load_checkpoint(meta_dir)
     shard["layers.1.feed_forward.w2.weight"] = torch.zeros(64, 80)
     torch.save(shard, meta_dir / "consolidated.01.pth")
-    with pytest.raises(CheckpointError, match=r"consolidated.01.pth: layers.1.feed_forward.w2.weight has shape "
-                                              r"\(64, 80\), expected \(64, 88\)"):
+    with pytest.raises(CheckpointError, match=rf"{meta_dir}: .*size mismatch for layers.1.feed_forward.w2.weight: "
+                                              r".*shape torch.Size\(\[64, 168\]\) .*torch.Size\(\[64, 176\]\)"):
         load_checkpoint(meta_dir)
 
 
@@ -247,7 +247,7 @@ def test_missing_key_and_bad_files(meta_dir, tmp_path):
         shard = torch.load(f, weights_only=True)
         del shard["layers.1.ffn_norm.weight"]
         torch.save(shard, f)
-    with pytest.raises(CheckpointError, match=r"missing 1 weights, e.g. 'layers.1.ffn_norm.weight'"):
+    with pytest.raises(CheckpointError, match=rf"{meta_dir}: .*Missing key\(s\) .*\"layers.1.ffn_norm.weight\""):
         load_checkpoint(meta_dir)
     params = (meta_dir / "params.json").read_text()
     for bad in ["[1]", '{"dim": "64"}', '{"n_heads": 0}']:
@@ -283,8 +283,8 @@ def test_hf_shape_mismatch(tmp_path):
     sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(170, 64)
     hf_model().config.save_pretrained(tmp_path)
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: layers.0.feed_forward.w3.weight has shape "
-                                              r"\(170, 64\), expected \(176, 64\)"):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: .*size mismatch for layers.0.feed_forward.w3.weight: "
+                                              r".*shape torch.Size\(\[170, 64\]\) .*torch.Size\(\[176, 64\]\)"):
         load_checkpoint(tmp_path)
 
 
