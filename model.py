@@ -515,7 +515,8 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
             torch._dynamo.mark_static_address(layer.attention.cache_v)
         step = torch.compile(step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     try:
-        logits = model(tokens, start_pos + torch.arange(L, device=device).expand(B, L))
+        # a row longer than the cache has no budget (-1 only); its positions are clamped so it cannot overflow
+        logits = model(tokens, (start_pos + torch.arange(L, device=device)).clamp(max=last).expand(B, L))
         logits = logits[torch.arange(B, device=device), lens - 1]  # after each row's last prompt token
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
         done = limits < 1

@@ -136,14 +136,13 @@ try:
                 print("error: that message is not valid UTF-8 text", file=sys.stderr)
                 continue
             turns.append(tok.encode(line) + [tok.eot_id])
+            if 1 + len(turns[-1]) >= context:  # refused before it trims the history, which stays
+                n = 1 + len(turns.pop())
+                print(f"error: that message is {n} tokens; the model's context is {context}", file=sys.stderr)
+                continue
             while len(turns) > 1 and 1 + sum(map(len, turns)) + room > context:
                 turns, cached = turns[2:], 0  # drop the oldest exchange; the rest is prefilled again
             ids = [tok.bos_id] + sum(turns, [])
-            if len(ids) >= context:
-                print(f"error: that message is {len(ids)} tokens; the model's context is {context}",
-                      file=sys.stderr)
-                turns.pop()
-                continue
             answer, shown = [], ""  # streamed; the cache is fed only what it lacks: the new user turn
             for t in generate(model, [ids[cached:]], tok.eot_id, **sampling, start_pos=cached):
                 if t.item() < 0:  # the answer has ended

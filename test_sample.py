@@ -172,6 +172,11 @@ def test_each_prompt_has_its_own_budget():
     assert run_generate(model, prompts, 10, temperature=0) == single
     no_room = list(range(32))
     assert run_generate(model, [prompts[0], no_room], 10, temperature=0) == [single[0], []]
+    model.setup_cache(2, 16)  # a cache shorter than one prompt of the batch (train.py's dev answers)
+    try:
+        assert run_generate(model, [list(range(1, 21)), prompts[0]], 10, temperature=0) == [[], single[0]]
+    finally:
+        model.clear_cache()
 
 
 def full_sort_top_p(probs, top_p):
@@ -349,10 +354,15 @@ def test_cli_chat_keeps_history_in_cache_and_trims_oldest_turns(ckpt):
         answer = greedy_reference(model, [tok.bos_id] + sum(turns, []), n, 1.2, stop_id=tok.eot_id)
         want += "> " + tok.decode(answer) + "\n"
         turns.append(answer if answer[-1] == tok.eot_id else answer + [tok.eot_id])
+        want += "> " * (u == users[0])  # the message that does not fit, refused: the history stays
     assert trimmed
-    r = sample("--chat", "--ckpt", ckpt, "--temperature", 0, "--max_new_tokens", n, stdin="\n".join(users) + "\n")
+    long = " ".join(["Kyoto"] * 70)
+    assert len(tok.encode(long)) >= context
+    stdin = "\n".join([users[0], long, *users[1:]]) + "\n"
+    r = sample("--chat", "--ckpt", ckpt, "--temperature", 0, "--max_new_tokens", n, stdin=stdin)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stdout == want + "> \n"  # Ctrl-D (end of input) leaves cleanly
+    assert r.stderr.startswith("error: that message is ") and r.stderr.count("\n") == 1
 
 
 def test_cli_chat_ctrl_c_leaves_cleanly(ckpt):
