@@ -34,7 +34,8 @@ LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, act_ckpt=1, max_new_tokens=128)
 TINY = dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, act_ckpt=0, max_new_tokens=256)
 SMALLER, LARGER = dict(batch_size=64, dropout=0.2), dict(batch_size=32, dropout=0.3)
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-p.add_argument("--size", help="LLaMA-1's 7B, 13B, 33B (30B) or 65B: llama/SIZE unless --init; tiny: the demo")
+p.add_argument("--size", choices=["tiny", "7B", "13B", "30B", "33B", "65B"],
+               help="LLaMA-1's (30B is 33B): llama/SIZE unless --init; tiny: the demo; another model: --init")
 p.add_argument("--init", help="a pretrained LLaMA-family directory (Meta or Hugging Face), any size")
 p.add_argument("--data", default="data/prepared", help="prepare.py's output")
 p.add_argument("--out", default="out")
@@ -56,8 +57,6 @@ for flag in ("dim", "n_layers", "n_heads"):
 args = p.parse_args()
 fail = lambda msg: sys.exit(f"error: {msg}")  # one line, no traceback
 fill = lambda preset: vars(args).update({k: v for k, v in preset.items() if vars(args)[k] is None})
-if args.size not in (None, "tiny", "7B", "13B", "30B", "33B", "65B"):
-    fail(f"--size {args.size}: expected 7B, 13B, 33B (or 30B), 65B or tiny; another base model: --init DIR")
 if args.size == "tiny" and args.init:
     fail("--size tiny is the demo from scratch: leave it out to fine-tune --init with LIMA's recipe")
 if args.size not in (None, "tiny") and not args.init:
@@ -66,12 +65,11 @@ if args.init and not Path(args.init).is_dir():
     fail(f"--init {args.init}: no such directory" + (
         f" (--size {args.size} fine-tunes llama/{args.size} unless --init names another)" * bool(args.size)))
 fill(LIMA if args.init else TINY)  # batch size and dropout of a pretrained model: once its size is known
-for flag, ok, want in [
-        ("epochs", args.epochs >= 1, ">= 1"), ("act_ckpt", args.act_ckpt in (0, 1), "0 or 1"),
-        ("batch_size", args.batch_size is None or args.batch_size >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
-        ("tokens_per_micro", args.tokens_per_micro >= 1, ">= 1"), ("max_len", args.max_len >= 2, ">= 2"),
-        ("dropout", 0 <= (args.dropout or 0) < 1, "in [0, 1)"),
-        ("dev_samples", args.dev_samples >= 0, ">= 0")]:
+for flag, ok, want in [("epochs", args.epochs >= 1, ">= 1"), ("act_ckpt", args.act_ckpt in (0, 1), "0 or 1"),
+                       ("batch_size", args.batch_size is None or args.batch_size >= 1, ">= 1"),
+                       ("lr", args.lr > 0, "> 0"), ("tokens_per_micro", args.tokens_per_micro >= 1, ">= 1"),
+                       ("max_len", args.max_len >= 2, ">= 2"), ("dev_samples", args.dev_samples >= 0, ">= 0"),
+                       ("dropout", 0 <= (args.dropout or 0) < 1, "in [0, 1)")]:
     if not ok:
         fail(f"--{flag} {vars(args)[flag]}: expected {want}")
 try:  # the last epoch is always saved
@@ -214,32 +212,27 @@ total_steps = args.epochs * steps_per_epoch
 
 
 # -----------------------------------------------------------------------------
-def plan(d, idx):
+def micro_losses(d, idx):
     """This rank's micro-batches of the dialogues idx: longest first, cut at tokens_per_micro (padding
-    included) so each holds similar lengths, dealt round-robin; every rank gets as many (FSDP gathers
-    collectively)."""
+    included) so each holds similar lengths, dealt round-robin, as many on every rank (FSDP gathers
+    collectively). Yields each one's summed loss on the supervised next tokens and its padded positions."""
     micros = [[]]
     for i in sorted(idx, key=lambda i: -len(d["ids"][i])):
         if micros[-1] and (len(micros[-1]) + 1) * len(d["ids"][micros[-1][0]]) > args.tokens_per_micro:
             micros.append([])
         micros[-1].append(i)
     mine = micros[rank::world]
-    return mine + [[]] * (math.ceil(len(micros) / world) - len(mine))  # [] for an idle rank
-
-
-def micro_loss(d, micro):
-    """Summed cross-entropy of the supervised next tokens of one right-padded micro-batch (causal attention:
-    the padding after a dialogue never affects it) and the number of padded positions."""
-    T = max((len(d["ids"][i]) - 1 for i in micro), default=1)
-    x = torch.zeros(max(1, len(micro)), T, dtype=torch.long)
-    y = torch.full_like(x, -1)  # -1: not a training target (prompt, padding)
-    for r, i in enumerate(micro):
-        ids, mask = d["ids"][i], d["mask"][i]
-        x[r, : len(ids) - 1], y[r, : len(ids) - 1] = ids[:-1], torch.where(mask[1:], ids[1:], -1)
-    with autocast:
-        logits = model(x.to(device)).float()
-    loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum")
-    return loss, x.numel() - sum(len(d["ids"][i]) - 1 for i in micro) if micro else 0
+    for micro in mine + [[]] * (math.ceil(len(micros) / world) - len(mine)):  # [] for an idle rank
+        T = max((len(d["ids"][i]) - 1 for i in micro), default=1)
+        x = torch.zeros(max(1, len(micro)), T, dtype=torch.long)  # right-padded: causal attention keeps
+        y = torch.full_like(x, -1)  # the padding out of a dialogue's loss; -1: not a target (prompt, padding)
+        for r, i in enumerate(micro):
+            ids, mask = d["ids"][i], d["mask"][i]
+            x[r, : len(ids) - 1], y[r, : len(ids) - 1] = ids[:-1], torch.where(mask[1:], ids[1:], -1)
+        with autocast:
+            logits = model(x.to(device)).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum")
+        yield loss, x.numel() - sum(len(d["ids"][i]) - 1 for i in micro) if micro else 0
 
 
 def all_sum(*values):
@@ -249,11 +242,9 @@ def all_sum(*values):
     return t.tolist()
 
 
-@torch.no_grad()
 def save_epoch(epoch, dev_loss):
     """OUT/epoch_NN/, a Hugging Face LLaMA directory (transformers, vLLM, llama.cpp's converter and sample.py
     load it), with LIMA-sampled answers to the dev prompts: what LIMA chose its checkpoint from (§3)."""
-    model.eval()
     n = min(args.dev_samples, len(dev["ids"]))
     convs = dev["conversations"][rank:n:world]  # each rank answers its share of the prompts
     prompts = [tokenizer.encode_dialogue(c[:1])[0] for c in convs]
@@ -274,7 +265,6 @@ def save_epoch(epoch, dev_loss):
             if all_sum(nxt is not None)[0] == 0:
                 break
     model.clear_cache()
-    model.train()
     rows = [{"epoch": epoch, "dev_loss": dev_loss, "prompt": c[0], "response": tokenizer.decode(
         a[: a.index(eot)] if eot in a else a), "ended": eot in a} for c, a in zip(convs, answers)]
     shares = [rows] * world
@@ -384,10 +374,9 @@ end = min(total_steps, args.steps or total_steps)
 n_dev = sum(int(m[1:].sum()) for m in dev["mask"])  # supervised dev tokens
 # MFU per token: 6 FLOPs a matmul weight + 12 * layers * dim * T in attention over T tokens (PaLM, app. B)
 n_matmul = sum(q.numel() for q in params) - model.tok_embeddings.weight.numel()  # a lookup, not a matmul
-gpu = torch.cuda.get_device_name() if cuda else ""  # H100 SXM, PCIe, NVL differ; A100s don't
-peak = args.peak_flops or {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
-                           "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
-                           }.get(gpu, 312e12 if "A100" in gpu else None)
+gpu = torch.cuda.get_device_name().removeprefix("NVIDIA ") if cuda else ""  # H100 SXM, PCIe, NVL differ
+peak = args.peak_flops or {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12,
+                           "H200 NVL": 835e12}.get(gpu, 312e12 if "A100" in gpu else None)  # dense bf16
 bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not master,
            desc="train (LIMA's recipe)" if args.init else "train (tiny demo)")
 diverged = lambda what: fail(f"non-finite {what} at step {step + 1} (epoch {epoch + 1}); stopped before "
@@ -405,8 +394,7 @@ for step in bar:
     n_target = sum(int(train["mask"][i][1:].sum()) for i in batch)
     torch.manual_seed(args.seed + step * world + rank)  # dropout masks: a resumed run draws the same
     loss_sum, pad = torch.zeros((), device=device), 0
-    for micro in plan(train, batch):  # FSDP reduce-scatters each micro-batch's gradients: they stay sharded
-        loss, padded = micro_loss(train, micro)
+    for loss, padded in micro_losses(train, batch):  # FSDP reduce-scatters each one's gradients: sharded
         (loss * world / n_target).backward()
         loss_sum, pad = loss_sum + loss.detach(), pad + padded  # no host sync per micro-batch
     loss_sum, pad = all_sum(loss_sum.item(), pad)
@@ -429,19 +417,19 @@ for step in bar:
     if saving and all_sum(torch.stack([~torch.isfinite(q.to_local() if isinstance(q, DTensor) else q).all()
                                        for q in params]).any().item())[0]:
         diverged("weights")
-    if k == steps_per_epoch - 1:  # end of an epoch: the dev loss
+    if k == steps_per_epoch - 1:  # end of an epoch: the dev loss, and the epoch saved
         model.eval()
         with torch.no_grad():
-            dev_sum = all_sum(sum(micro_loss(dev, m)[0].item() for m in plan(dev, range(len(dev["ids"])))))
+            dev_sum = all_sum(sum(loss.item() for loss, _ in micro_losses(dev, range(len(dev["ids"])))))[0]
+            dev_loss = dev_sum / n_dev if n_dev else None
+            if dev_loss is not None and not math.isfinite(dev_loss):
+                diverged("dev loss")
+            if master:
+                tqdm.write(f"epoch {epoch + 1}: dev loss {dev_loss}")
+                print(json.dumps({"epoch": epoch + 1, "dev_loss": dev_loss}), file=logf)
+            if epoch + 1 in save_epochs:
+                save_epoch(epoch + 1, dev_loss)
         model.train()
-        dev_loss = dev_sum[0] / n_dev if n_dev else None
-        if dev_loss is not None and not math.isfinite(dev_loss):
-            diverged("dev loss")
-        if master:
-            tqdm.write(f"epoch {epoch + 1}: dev loss {dev_loss}")
-            print(json.dumps({"epoch": epoch + 1, "dev_loss": dev_loss}), file=logf)
-        if epoch + 1 in save_epochs:
-            save_epoch(epoch + 1, dev_loss)
     if saving:  # weights, AdamW state and step; each rank writes its shards
         model_state, optim_state = get_state_dict(model, optimizer)
         tmp, final = (out / "resume" / f"{pre}step_{step + 1:06d}" for pre in (".tmp_", ""))
