@@ -140,8 +140,7 @@ if master and args.init:
     tok = next((t for t in (Path(args.init) / "tokenizer.model", Path(args.init).parent / "tokenizer.model")
                 if t.is_file()), None)
     if tok and sha256(tok) != sha:
-        fail(f"{tok} differs from {data / 'tokenizer.model'}: prepare the data with the checkpoint's "
-             "tokenizer")
+        fail(f"{tok} differs from {data / 'tokenizer.model'}: prepare the data with the checkpoint's")
     try:
         src = Transformer.from_pretrained(args.init, vocab_size=n_words)  # LIMA §2: adds EOT
     except (CheckpointError, FileNotFoundError) as e:
