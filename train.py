@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint import CheckpointException, metadata as dcp_metadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -323,7 +322,7 @@ def save_epoch(epoch, dev_loss):
 
 class Unpickler(pickle.Unpickler):  # DCP's .metadata is a pickle: it may build DCP's records and torch types
     def find_class(self, module, name):
-        if (module == dcp_metadata.__name__ and name in (*dcp_metadata.__all__, "_MEM_FORMAT_ENCODING")) or \
+        if (module == dcp.metadata.__name__ and name in (*dcp.metadata.__all__, "_MEM_FORMAT_ENCODING")) or \
                 f"{module}.{name}" in ("torch.Size", "torch.serialization._get_layout", "pathlib.PosixPath",
                                        "torch.distributed.checkpoint.filesystem._StorageInfo") or \
                 (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
@@ -336,7 +335,7 @@ class Reader(dcp.FileSystemReader):  # tensors only: DCP would unpickle an entry
         with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
             metadata = Unpickler(f).load()
         metadata.state_dict_metadata = {k: v for k, v in metadata.state_dict_metadata.items()
-                                        if not isinstance(v, dcp_metadata.BytesStorageMetadata)}
+                                        if not isinstance(v, dcp.metadata.BytesStorageMetadata)}
         return metadata
 
 
@@ -355,8 +354,8 @@ if args.resume:  # data order, dropout masks and lr are functions of the step: w
     try:  # tensors only: the param groups (pickled, "bytes") are what the flags give
         dcp.load({"model": model_state, "optim": {"state": optim_state["state"]}},
                  storage_reader=Reader(last))
-    except (Exception, CheckpointException) as e:  # damaged, foreign or hostile
-        e = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+    except (Exception, dcp.CheckpointException) as e:  # damaged, foreign or hostile
+        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
         fail(f"--resume: {last} cannot be loaded ({e!r})")
     logging.disable(logging.NOTSET)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
