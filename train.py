@@ -96,8 +96,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DC
 
 
 def check_out():  # a run owns its --out: a fresh run never writes over another's log, resume state or epochs
-    if not args.resume and out.is_dir() and any(f.name in ("log.jsonl", "resume") or
-                                                f.name.startswith("epoch_") for f in out.iterdir()):
+    if not args.resume and any(any(out.glob(name)) for name in ("log.jsonl", "resume", "epoch_*")):
         fail(f"--out {out} holds another run (log.jsonl, resume/, epoch_NN/): continue it with --resume, "
              "or give a fresh --out")
 
@@ -201,7 +200,7 @@ src = None
 
 # AdamW; weight decay on matrices and embeddings, not on the norms' gains. Fused on CUDA, since the default
 # (foreach) allocates a float32 temporary the size of the local shard in step(): 16 GB a GPU, 65B on 16 GPUs
-params = [q for q in model.parameters() if q.requires_grad]
+params = list(model.parameters())
 groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": args.weight_decay},
           {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
 optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=cuda)
@@ -213,7 +212,8 @@ total_steps = args.epochs * steps_per_epoch
 def micro_losses(d, idx):
     """This rank's micro-batches of the dialogues idx: longest first, cut at tokens_per_micro (padding
     included) so each holds similar lengths, dealt round-robin, as many on every rank (FSDP gathers
-    collectively). Yields each one's summed loss on the supervised next tokens and its padded positions."""
+    collectively). Yields each one's summed loss on the supervised next tokens and its padded positions
+    (right-padded: causal attention keeps the padding after a dialogue out of it)."""
     micros = [[]]
     for i in sorted(idx, key=lambda i: -len(d["ids"][i])):
         if micros[-1] and (len(micros[-1]) + 1) * len(d["ids"][micros[-1][0]]) > args.tokens_per_micro:
@@ -222,8 +222,8 @@ def micro_losses(d, idx):
     mine = micros[rank::world]
     for micro in mine + [[]] * (math.ceil(len(micros) / world) - len(mine)):  # [] for an idle rank
         T = max((len(d["ids"][i]) - 1 for i in micro), default=1)
-        x = torch.zeros(max(1, len(micro)), T, dtype=torch.long)  # right-padded: causal attention keeps
-        y = torch.full_like(x, -1)  # the padding out of a dialogue's loss; -1: not a target (prompt, padding)
+        x = torch.zeros(max(1, len(micro)), T, dtype=torch.long)
+        y = torch.full_like(x, -1)  # -1: not a training target (prompt, padding)
         for r, i in enumerate(micro):
             ids, mask = d["ids"][i], d["mask"][i]
             x[r, : len(ids) - 1], y[r, : len(ids) - 1] = ids[:-1], torch.where(mask[1:], ids[1:], -1)
@@ -273,19 +273,19 @@ def save_epoch(epoch, dev_loss):
     # writes its own rows of every weight (FSDP2 shards dim 0 as torch.chunk does) where they go in the files:
     # no rank holds more than its shard and one q/k matrix, gathered as HF's order moves rows across shards
     tmp, final, old = (out / f"{pre}epoch_{epoch:02d}" for pre in (".tmp_", "", ".old_"))
-    state, files, at = model.state_dict(), [{}], 0  # files: per file, each weight's safetensors header entry
+    state = {_hf_name(k, to_hf=True): v for k, v in model.state_dict().items()}
+    files, at = [{}], 0  # per file: each weight's safetensors header entry
     for k, v in state.items():
         if at and at + 2 * v.numel() > 5e9:
             files, at = files + [{}], 0
         files[-1][k] = dict(dtype="BF16", shape=[*v.shape], data_offsets=[at, at + 2 * v.numel()])
         at += 2 * v.numel()
-    names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    files = {f"model-{i + 1:05d}-of-{len(files):05d}.safetensors": e for i, e in enumerate(files)}
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    for name, entries in zip(names, files):
-        header = json.dumps({**{_hf_name(k, to_hf=True): e for k, e in entries.items()},
-                             "__metadata__": {"format": "pt"}}).encode()
+    for name, entries in files.items():
+        header = json.dumps({**entries, "__metadata__": {"format": "pt"}}).encode()
         header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
         if master:
             (tmp / name).write_bytes(len(header).to_bytes(8, "little") + header)
@@ -294,7 +294,7 @@ def save_epoch(epoch, dev_loss):
         with open(tmp / name, "r+b") as f:
             for k, e in entries.items():
                 v = state[k].to(torch.bfloat16)  # this rank's part only, if sharded
-                if k.endswith(("wq.weight", "wk.weight")):
+                if k.endswith(("q_proj.weight", "k_proj.weight")):
                     v = v.full_tensor() if isinstance(v, DTensor) else v
                     v = hf_rotary_order(v, shape.dim // shape.n_heads, to_hf=True)
                 chunk = math.ceil(v.shape[0] / world)
@@ -307,8 +307,8 @@ def save_epoch(epoch, dev_loss):
         dist.barrier()  # every rank's rows are on disk
     if not master:
         return
-    index = {"metadata": {"total_size": 2 * sum(v.numel() for v in state.values())}, "weight_map": {
-        _hf_name(k, to_hf=True): name for name, entries in zip(names, files) for k in entries}}
+    index = {"metadata": {"total_size": 2 * sum(v.numel() for v in state.values())},
+             "weight_map": {k: name for name, entries in files.items() for k in entries}}
     for name, obj in {**hf_files(shape, tokenizer), "model.safetensors.index.json": index}.items():
         (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
     shutil.copy(data / "tokenizer.model", tmp / "tokenizer.model")
