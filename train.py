@@ -210,10 +210,9 @@ total_steps = args.epochs * steps_per_epoch
 
 # -----------------------------------------------------------------------------
 def micro_losses(d, idx):
-    """This rank's micro-batches of the dialogues idx: longest first, cut at tokens_per_micro (padding
-    included) so each holds similar lengths, dealt round-robin, as many on every rank (FSDP gathers
-    collectively). Yields each one's summed loss on the supervised next tokens and its padded positions
-    (right-padded: causal attention keeps the padding after a dialogue out of it)."""
+    """This rank's micro-batches of the dialogues idx, right-padded (causal attention keeps the padding out of
+    the loss): longest first, cut at tokens_per_micro padding included so each holds similar lengths, dealt
+    round-robin, as many on every rank (FSDP gathers collectively). Yields (summed loss, padded positions)."""
     micros = [[]]
     for i in sorted(idx, key=lambda i: -len(d["ids"][i])):
         if micros[-1] and (len(micros[-1]) + 1) * len(d["ids"][micros[-1][0]]) > args.tokens_per_micro:
