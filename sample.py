@@ -58,7 +58,7 @@ if args.prompts:
     if not src.is_file():
         sys.exit(f"error: --prompts {src}: no such file")
     try:
-        lines = src.read_text(encoding="utf-8").split("\n")
+        lines = src.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 is no line break here
     except UnicodeDecodeError as e:
         sys.exit(f"error: {src}: not UTF-8 text ({e.reason} at byte {e.start})")
     prompts = []
@@ -81,7 +81,7 @@ if args.prompts:
     except OSError as e:
         sys.exit(f"error: --output {out}: cannot write to it ({e.strerror})")
     answered = Counter()  # resume: each answer in --output accounts for one occurrence of its prompt
-    for n, line in enumerate(out.read_bytes().splitlines(), 1):  # bytes: no line break inside a JSON string
+    for n, line in enumerate(out.read_bytes().splitlines(), 1):  # bytes: an answer's U+2028 is no line break
         try:
             answered[json.loads(line)["prompt"]] += 1
         except (ValueError, KeyError, TypeError, RecursionError):  # bad UTF-8 too
