@@ -57,14 +57,12 @@ if args.prompts:
     src, out = args.prompts, args.output
     if not src.is_file():
         sys.exit(f"error: --prompts {src}: no such file")
-
-    def numbered_lines(path):
-        try:
-            return enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        except UnicodeDecodeError as e:
-            sys.exit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    try:
+        lines = src.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 is no line break here
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {src}: not UTF-8 text ({e.reason} at byte {e.start})")
     prompts = []
-    for n, line in numbered_lines(src):
+    for n, line in enumerate(lines, 1):
         prompt = line.strip()
         if prompt and src.suffix == ".jsonl":
             try:
@@ -83,18 +81,16 @@ if args.prompts:
     except OSError as e:
         sys.exit(f"error: --output {out}: cannot write to it ({e.strerror})")
     answered = Counter()  # resume: each answer in --output accounts for one occurrence of its prompt
-    for n, line in numbered_lines(out):
+    for n, line in enumerate(out.read_bytes().splitlines(), 1):  # bytes: an answer's U+2028 is no line break
         try:
             answered[json.loads(line)["prompt"]] += 1
-        except (ValueError, KeyError, TypeError, RecursionError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # bad UTF-8 too
             sys.exit(f'error: {out}:{n}: not an answer line (JSON with "prompt"); remove it to resume')
     for where, prompt in prompts:
         answered[prompt] -= 1
         if answered[prompt] < 0:
             todo.append((where, prompt))
-    if len(todo) < len(prompts):
-        print(f"{out}: {len(prompts) - len(todo)} prompts already answered, {len(todo)} to go",
-              file=sys.stderr)
+    print(f"{out}: {len(prompts) - len(todo)} prompts already answered, {len(todo)} to go", file=sys.stderr)
 
 import torch
 from tqdm import tqdm

@@ -398,6 +398,19 @@ def test_cli_prompts_file_batches_and_resumes(ckpt, tmp_path):
     assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
 
 
+def test_cli_resume_keeps_unicode_line_separators_inside_a_line(ckpt, tmp_path):
+    """--output is written with ensure_ascii=False, so an answer may hold U+2028 or U+0085 raw: they are not line
+    breaks of the jsonl, nor of a prompt in a text file. Everything answered: nothing decoded, nothing written."""
+    prompts = ["Plan a trip.", "Tea\u2028time?"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    answers = "".join(json.dumps({"prompt": p, "response": "Kyoto\u2028in\x85spring", "tokens": 3,
+                                  "stopped_at_eot": True}, ensure_ascii=False) + "\n" for p in prompts)
+    (tmp_path / "a.jsonl").write_text(answers, encoding="utf-8")
+    r = sample("--prompts", tmp_path / "prompts.txt", "--output", tmp_path / "a.jsonl", "--ckpt", ckpt)
+    assert r.returncode == 0 and "2 prompts already answered, 0 to go" in r.stderr, r.stderr
+    assert (tmp_path / "a.jsonl").read_text(encoding="utf-8") == answers
+
+
 def test_help_explains_the_penalty():
     r = sample("--help")
     assert r.returncode == 0 and "applies to the tokens already generated in this answer" in " ".join(r.stdout.split())
