@@ -174,11 +174,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def grow_vocab(self, vocab_size: int):
-        """Add rows for new tokens (LIMA's EOT) to the embedding and output matrices, each initialised to the
-        mean of the existing rows, so the new token starts as an 'average' token rather than noise."""
+        """Rows for new tokens (LIMA's EOT) in the embedding and output, each the mean of the existing rows,
+        so a new token starts as an 'average' token rather than noise."""
         old = self.args.vocab_size
-        if vocab_size < old:
-            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
         for module in (self.tok_embeddings, self.output):
             w = module.weight
             new = w.mean(0, keepdim=True, dtype=torch.float32).to(w.dtype).expand(vocab_size - old, -1)
@@ -221,11 +219,6 @@ HF_NAMES = {  # Hugging Face's module names -> Meta's
     "model.embed_tokens": "tok_embeddings"}
 
 
-def expected_shapes(args: ModelArgs) -> dict:
-    with torch.device("meta"):
-        return {k: v.shape for k, v in Transformer(args).state_dict().items()}
-
-
 def load_checkpoint(path) -> tuple:
     """(ModelArgs, state dict in Meta's names) of a LLaMA directory, keys and shapes checked by
     load_state_dict. Meta's model-parallel shards are joined with one cat per weight."""
@@ -264,13 +257,12 @@ def _read_json(file: Path) -> dict:
 
 
 def _load_file(file: Path) -> dict:
-    """The tensors of a .pth or .bin file (weights only, memory-mapped) or of a .safetensors file."""
+    """The tensors of a .pth or .bin file (weights only) or of a .safetensors file, both memory-mapped."""
     if file.suffix != ".safetensors":
         try:
             return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
-            raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint "
-                                  f"({e})") from None
+            raise CheckpointError(f"{file}: cannot be read as a weights-only checkpoint ({e})") from None
     try:
         from safetensors import safe_open
         with safe_open(file, framework="pt") as f:
@@ -295,7 +287,8 @@ def _meta_args(path: Path) -> tuple:
             params["vocab_size"] = embedding.shape[0]
         args = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
         n = args.dim // embedding.shape[1]  # how many ways the release was split
-        expected_shapes(args)
+        with torch.device("meta"):
+            Transformer(args)  # sizes no model has (0 heads, a string) fail here, not in load_state_dict
     except (AttributeError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'params.json'}: not LLaMA's parameters ({e})") from None
     files = [path / f"consolidated.{i:02d}.pth" for i in range(n)]
@@ -321,7 +314,8 @@ def _hf_args(path: Path) -> tuple:
             multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
             norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", rope_theta),
             max_seq_len=config.get("max_position_embeddings", 2048))
-        expected_shapes(args)
+        with torch.device("meta"):
+            Transformer(args)
     except KeyError as e:
         raise CheckpointError(f"{path / 'config.json'}: no {e.args[0]!r}, expected a LLaMA config") from None
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
@@ -418,9 +412,7 @@ class Tokenizer:
 
     def __init__(self, path):
         import sentencepiece as spm
-
-        self.path = Path(path)
-        if not self.path.is_file():
+        if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: tokenizer model not found")
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.bos_id, self.eos_id, self.eot_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.vocab_size()
