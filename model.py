@@ -174,8 +174,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def grow_vocab(self, vocab_size: int):
-        """Rows for new tokens (LIMA's EOT) in the embedding and output, each the mean of the existing rows,
-        so a new token starts as an 'average' token rather than noise."""
+        """Rows for new tokens (LIMA's EOT), each the mean of the old rows: an 'average' token, not noise."""
         old = self.args.vocab_size
         for module in (self.tok_embeddings, self.output):
             w = module.weight
@@ -212,11 +211,11 @@ class CheckpointError(ValueError):
 # Meta's model-parallel layout: the dim each weight was split on across consolidated.NN.pth (norms are copied)
 META_SPLIT_DIM = dict(wq=0, wk=0, wv=0, w1=0, w3=0, output=0, wo=1, w2=1, tok_embeddings=1)
 HF_NAMES = {  # Hugging Face's module names -> Meta's
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "lm_head": "output",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "model.norm": "norm",
+    "model.layers": "layers", "model.embed_tokens": "tok_embeddings", "model.norm": "norm",
+    "lm_head": "output", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
     "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
-    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-    "model.embed_tokens": "tok_embeddings"}
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
 
 
 def load_checkpoint(path) -> tuple:
@@ -336,13 +335,11 @@ def _hf_args(path: Path) -> tuple:
 def _hf_name(name: str, to_hf: bool = False) -> str:
     """Hugging Face's name for a weight -> Meta's, or back with to_hf
     (model.layers.3.self_attn.q_proj.weight <-> layers.3.attention.wq.weight)."""
-    names = {meta: hf for hf, meta in HF_NAMES.items()} if to_hf else HF_NAMES
-    prefix, new_prefix = ("layers.", "model.layers.") if to_hf else ("model.layers.", "layers.")
-    stem, suffix = name.rsplit(".", 1)
-    if stem.startswith(prefix):
-        layer, sub = stem[len(prefix) :].split(".", 1)
-        return f"{new_prefix}{layer}.{names.get(sub, sub)}.{suffix}"
-    return f"{names.get(stem, stem)}.{suffix}"
+    name = f".{name}"  # whole module names only, between dots: norm is not the end of attention_norm
+    for hf, meta in HF_NAMES.items():
+        old, new = (meta, hf) if to_hf else (hf, meta)
+        name = name.replace(f".{old}.", f".{new}.")
+    return name[1:]
 
 
 def hf_rotary_order(w, head_dim: int, to_hf: bool):
@@ -360,10 +357,9 @@ def hf_files(args: ModelArgs, tok: "Tokenizer") -> dict:
     an added special token and the end-of-sequence token, so transformers, vLLM and llama.cpp stop where
     sample.py does; tokenizer.json spares transformers a protobuf-based conversion of tokenizer.model."""
     sp, bos, eot, unk = tok.sp, tok.sp.id_to_piece(tok.bos_id), "<EOT>", tok.sp.id_to_piece(tok.sp.unk_id())
-    token = lambda i, text: dict(id=i, content=text, single_word=False, lstrip=False, rstrip=False,
-                                 normalized=False, special=True)
-    added = [token(i, sp.id_to_piece(i)) for i in range(tok.eot_id) if sp.is_control(i) or sp.is_unknown(i)]
-    added.append(token(tok.eot_id, eot))
+    specials = {i: sp.id_to_piece(i) for i in range(tok.eot_id) if sp.is_control(i) or sp.is_unknown(i)}
+    added = [dict(id=i, content=text, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                  special=True) for i, text in {**specials, tok.eot_id: eot}.items()]
     vocab = {sp.id_to_piece(i): i for i in range(tok.eot_id)}
     # BPE merges: every split of a piece into two pieces, ranked as SentencePiece merges, by the piece's score
     merges = sorted((-sp.get_score(i), i, k, p[:k], p[k:]) for p, i in vocab.items() for k in range(1, len(p))
