@@ -174,11 +174,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def grow_vocab(self, vocab_size: int):
-        """Add rows for new tokens (LIMA's EOT) to the embedding and output matrices, each initialised to the
-        mean of the existing rows, so the new token starts as an 'average' token rather than noise."""
+        """Rows for new tokens (LIMA's EOT), each the mean of the old rows: an 'average' token, not noise."""
         old = self.args.vocab_size
-        if vocab_size < old:
-            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
         for module in (self.tok_embeddings, self.output):
             w = module.weight
             new = w.mean(0, keepdim=True, dtype=torch.float32).to(w.dtype).expand(vocab_size - old, -1)
@@ -214,16 +211,11 @@ class CheckpointError(ValueError):
 # Meta's model-parallel layout: the dim each weight was split on across consolidated.NN.pth (norms are copied)
 META_SPLIT_DIM = dict(wq=0, wk=0, wv=0, w1=0, w3=0, output=0, wo=1, w2=1, tok_embeddings=1)
 HF_NAMES = {  # Hugging Face's module names -> Meta's
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "lm_head": "output",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "model.norm": "norm",
+    "model.layers": "layers", "model.embed_tokens": "tok_embeddings", "model.norm": "norm",
+    "lm_head": "output", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
     "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
-    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-    "model.embed_tokens": "tok_embeddings"}
-
-
-def expected_shapes(args: ModelArgs) -> dict:
-    with torch.device("meta"):
-        return {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
 
 
 def load_checkpoint(path) -> tuple:
@@ -264,13 +256,12 @@ def _read_json(file: Path) -> dict:
 
 
 def _load_file(file: Path) -> dict:
-    """The tensors of a .pth or .bin file (weights only, memory-mapped) or of a .safetensors file."""
+    """The tensors of a .pth or .bin file (weights only) or of a .safetensors file, both memory-mapped."""
     if file.suffix != ".safetensors":
         try:
             return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
-            raise CheckpointError(f"{file}: cannot be read as a weights-only torch checkpoint "
-                                  f"({e})") from None
+            raise CheckpointError(f"{file}: cannot be read as a weights-only checkpoint ({e})") from None
     try:
         from safetensors import safe_open
         with safe_open(file, framework="pt") as f:
@@ -295,7 +286,8 @@ def _meta_args(path: Path) -> tuple:
             params["vocab_size"] = embedding.shape[0]
         args = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
         n = args.dim // embedding.shape[1]  # how many ways the release was split
-        expected_shapes(args)
+        with torch.device("meta"):
+            Transformer(args)  # sizes no model has (0 heads, a string) fail here, not in load_state_dict
     except (AttributeError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'params.json'}: not LLaMA's parameters ({e})") from None
     files = [path / f"consolidated.{i:02d}.pth" for i in range(n)]
@@ -321,7 +313,8 @@ def _hf_args(path: Path) -> tuple:
             multiple_of=hidden, ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
             norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", rope_theta),
             max_seq_len=config.get("max_position_embeddings", 2048))
-        expected_shapes(args)
+        with torch.device("meta"):
+            Transformer(args)
     except KeyError as e:
         raise CheckpointError(f"{path / 'config.json'}: no {e.args[0]!r}, expected a LLaMA config") from None
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
@@ -342,13 +335,11 @@ def _hf_args(path: Path) -> tuple:
 def _hf_name(name: str, to_hf: bool = False) -> str:
     """Hugging Face's name for a weight -> Meta's, or back with to_hf
     (model.layers.3.self_attn.q_proj.weight <-> layers.3.attention.wq.weight)."""
-    names = {meta: hf for hf, meta in HF_NAMES.items()} if to_hf else HF_NAMES
-    prefix, new_prefix = ("layers.", "model.layers.") if to_hf else ("model.layers.", "layers.")
-    stem, suffix = name.rsplit(".", 1)
-    if stem.startswith(prefix):
-        layer, sub = stem[len(prefix) :].split(".", 1)
-        return f"{new_prefix}{layer}.{names.get(sub, sub)}.{suffix}"
-    return f"{names.get(stem, stem)}.{suffix}"
+    name = f".{name}"  # whole module names only, between dots: norm is not the end of attention_norm
+    for hf, meta in HF_NAMES.items():
+        old, new = (meta, hf) if to_hf else (hf, meta)
+        name = name.replace(f".{old}.", f".{new}.")
+    return name[1:]
 
 
 def hf_rotary_order(w, head_dim: int, to_hf: bool):
@@ -366,10 +357,9 @@ def hf_files(args: ModelArgs, tok: "Tokenizer") -> dict:
     an added special token and the end-of-sequence token, so transformers, vLLM and llama.cpp stop where
     sample.py does; tokenizer.json spares transformers a protobuf-based conversion of tokenizer.model."""
     sp, bos, eot, unk = tok.sp, tok.sp.id_to_piece(tok.bos_id), "<EOT>", tok.sp.id_to_piece(tok.sp.unk_id())
-    token = lambda i, text: dict(id=i, content=text, single_word=False, lstrip=False, rstrip=False,
-                                 normalized=False, special=True)
-    added = [token(i, sp.id_to_piece(i)) for i in range(tok.eot_id) if sp.is_control(i) or sp.is_unknown(i)]
-    added.append(token(tok.eot_id, eot))
+    specials = {i: sp.id_to_piece(i) for i in range(tok.eot_id) if sp.is_control(i) or sp.is_unknown(i)}
+    added = [dict(id=i, content=text, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                  special=True) for i, text in {**specials, tok.eot_id: eot}.items()]
     vocab = {sp.id_to_piece(i): i for i in range(tok.eot_id)}
     # BPE merges: every split of a piece into two pieces, ranked as SentencePiece merges, by the piece's score
     merges = sorted((-sp.get_score(i), i, k, p[:k], p[k:]) for p, i in vocab.items() for k in range(1, len(p))
@@ -418,9 +408,7 @@ class Tokenizer:
 
     def __init__(self, path):
         import sentencepiece as spm
-
-        self.path = Path(path)
-        if not self.path.is_file():
+        if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: tokenizer model not found")
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.bos_id, self.eos_id, self.eot_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.vocab_size()
