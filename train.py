@@ -33,8 +33,7 @@ LIMA = dict(epochs=15, lr=1e-5, min_lr=1e-6, act_ckpt=1, max_new_tokens=128)
 TINY = dict(epochs=10, lr=3e-3, min_lr=3e-4, batch_size=4, dropout=0.0, act_ckpt=0, max_new_tokens=256)
 SMALLER, LARGER = dict(batch_size=64, dropout=0.2), dict(batch_size=32, dropout=0.3)
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-p.add_argument("--size", choices=["tiny", "7B", "13B", "30B", "33B", "65B"],
-               help="LLaMA-1's (30B is 33B): llama/SIZE unless --init; tiny: the demo; another model: --init")
+p.add_argument("--size", help="LLaMA-1's 7B, 13B, 33B (30B) or 65B: llama/SIZE unless --init; tiny: the demo")
 p.add_argument("--init", help="a pretrained LLaMA-family directory (Meta or Hugging Face), any size")
 p.add_argument("--data", default="data/prepared", help="prepare.py's output")
 p.add_argument("--out", default="out")
@@ -56,6 +55,8 @@ for flag in ("dim", "n_layers", "n_heads"):
 args = p.parse_args()
 fail = lambda msg: sys.exit(f"error: {msg}")  # one line, no traceback
 fill = lambda preset: vars(args).update({k: v for k, v in preset.items() if vars(args)[k] is None})
+if args.size not in (None, "tiny", "7B", "13B", "30B", "33B", "65B"):
+    fail(f"--size {args.size}: expected 7B, 13B, 33B (or 30B), 65B or tiny; another base model: --init DIR")
 if args.size == "tiny" and args.init:
     fail("--size tiny is the demo from scratch: leave it out to fine-tune --init with LIMA's recipe")
 if args.size not in (None, "tiny") and not args.init:
@@ -138,7 +139,7 @@ if master and args.init:
     tok = next((t for t in (Path(args.init) / "tokenizer.model", Path(args.init).parent / "tokenizer.model")
                 if t.is_file()), None)
     if tok and sha256(tok) != sha:
-        fail(f"{tok} differs from {data / 'tokenizer.model'}: prepare the data with the checkpoint's")
+        fail(f"{tok} differs from {data / 'tokenizer.model'}: prepare the data with it")
     try:
         src = Transformer.from_pretrained(args.init, vocab_size=n_words)  # LIMA §2: adds EOT
     except (CheckpointError, FileNotFoundError) as e:
