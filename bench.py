@@ -12,6 +12,7 @@ import argparse
 import time
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 from model import ModelArgs, Transformer, generate, _hf_name
@@ -109,6 +110,8 @@ if args.mode == "decode":
     prompts = torch.randint(3, margs.vocab_size, (B, args.prompt_len), device=device)
     sampling = dict(temperature=0, repetition_penalty=1.0) if args.greedy else {}  # LIMA's by default
     compile = args.compile if args.compile is not None else device.type == "cuda"
+    if compile and device.type == "cpu":  # as sample.py does: weights folded in, prepacked for the GEMMs
+        torch._inductor.config.freezing = True
 
     def ours():
         steps = generate(model, prompts.tolist(), -2, n, compile=compile, **sampling)  # -2: never stops early

@@ -85,17 +85,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache_k = self.cache_v = None  # (B, n_kv_heads, max_len, head_dim) while decoding
 
-    def forward(self, x, cos, sin, pos=None, mask=None):
+    def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if pos is not None:  # decoding: keys and values go to their positions in the cache, read whole
-            where = pos[:, None, :, None].expand_as(k)
-            k, v = self.cache_k.scatter_(2, where, k), self.cache_v.scatter_(2, where, v)
+        if cache is not None:  # decoding: keys and values go to their positions pos (B, T), read whole
+            cache_k, cache_v, pos = cache
+            rows = torch.arange(B, device=x.device)[:, None]
+            cache_k[rows, :, pos], cache_v[rows, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
+            k, v = cache_k, cache_v
         # grouped-query: each key/value head serves n_heads/n_kv_heads queries
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.n_kv_heads < self.n_heads)
@@ -123,8 +124,8 @@ class Block(nn.Module):
         # LIMA §3: residual dropout rises linearly from 0.0 at the bottom layer to args.dropout at the top
         self.dropout = args.dropout * layer_id / max(1, args.n_layers - 1)
 
-    def forward(self, x, cos, sin, pos=None, mask=None):
-        h = x + F.dropout(self.attention(self.attention_norm(x), cos, sin, pos, mask), self.dropout,
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        h = x + F.dropout(self.attention(self.attention_norm(x), cos, sin, mask, cache), self.dropout,
                           self.training)
         return h + F.dropout(self.feed_forward(self.ffn_norm(h)), self.dropout, self.training)
 
@@ -142,35 +143,29 @@ class Transformer(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, pos=None):
-        """tokens (B, T) -> logits (B, T, vocab), each token attending to those before it. Decoding
-        (setup_cache): pos (B, T) are the tokens' positions, where their keys and values are cached."""
+    def forward(self, tokens, cache=None, pos=None):
+        """tokens (B, T) -> logits (B, T, vocab), each token attending to those before it. Decoding: their
+        keys and values are written into cache (make_cache) at their positions pos (B, T)."""
         h, mask = self.tok_embeddings(tokens), None
-        if pos is None:
+        if cache is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             cos, sin = rope(self.args.dim // self.args.n_heads, positions, self.args.rope_theta)
         else:  # rows of the tables made once per cache
-            cos, sin, mask = (table[pos][:, None] for table in (self.rope_cos, self.rope_sin, self.causal))
-        for layer in self.layers:
-            h = layer(h, cos, sin, pos, mask)
+            cos, sin, mask = (cache[table][pos][:, None] for table in ("cos", "sin", "causal"))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if cache is None else (cache["k"][i], cache["v"][i], pos))
         return self.output(self.norm(h))
 
-    def setup_cache(self, batch_size: int, max_len: int, dtype=None):
-        """Allocate a key/value cache for decoding up to max_len positions (prompt included), and the RoPE
-        angles (float32, whatever the model's dtype) and causal mask of those positions."""
-        p = self.output.weight
-        for a in (layer.attention for layer in self.layers):
-            a.cache_k = torch.zeros(batch_size, a.n_kv_heads, max_len, a.head_dim, dtype=dtype or p.dtype,
-                                    device=p.device)
-            a.cache_v = torch.zeros_like(a.cache_k)
+    def make_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+        """Each layer's keys and values for decoding up to max_len positions (prompt included), and the RoPE
+        angles (float32, whatever the model's dtype) and causal mask of those positions. A plain argument
+        of forward, not the model's state: a compiled step reads whichever cache it is given."""
+        p, head_dim = self.output.weight, self.args.dim // self.args.n_heads
+        shape = (batch_size, self.args.n_kv_heads or self.args.n_heads, max_len, head_dim)
+        zeros = lambda: [torch.zeros(shape, dtype=dtype or p.dtype, device=p.device) for _ in self.layers]
         positions = torch.arange(max_len, device=p.device)
-        head_dim = self.args.dim // self.args.n_heads
-        self.rope_cos, self.rope_sin = rope(head_dim, positions, self.args.rope_theta)
-        self.causal = positions[None, :] <= positions[:, None]
-
-    def clear_cache(self):
-        for layer in self.layers:
-            layer.attention.cache_k = layer.attention.cache_v = None
+        cos, sin = rope(head_dim, positions, self.args.rope_theta)
+        return dict(k=zeros(), v=zeros(), cos=cos, sin=sin, causal=positions[None, :] <= positions[:, None])
 
     @torch.no_grad()
     def grow_vocab(self, vocab_size: int):
@@ -474,54 +469,49 @@ def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penal
 
 @torch.no_grad()
 def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperature=0.7, top_p=0.9,
-             repetition_penalty=1.2, generator=None, start_pos: int = 0, compile: bool = False):
+             repetition_penalty=1.2, generator=None, cache=None, start_pos: int = 0, compile: bool = False):
     """Decode a batch of prompts (lists of ids) with a KV cache; yields a (B,) tensor of next tokens per step,
     one model forward each. A row ends after stop_id, max_new_tokens or the end of the context, as it would
-    alone, and yields -1 from then on; the last token yielded is not fed to the model. With a cache made by
-    setup_cache, one prompt continues what it holds at positions < start_pos (a chat's earlier turns) and the
-    cache is kept; else one is made for this call. compile: the decode step through torch.compile."""
+    alone, and yields -1 from then on; the last token yielded is not fed to the model. Given a cache
+    (make_cache), one prompt continues what it holds at positions < start_pos (a chat's earlier turns); else
+    one is made for this call. compile: the decode step through torch.compile."""
     device, lens = model.output.weight.device, [len(p) for p in prompts]
     B, L = len(lens), max(lens)
-    own_cache = model.layers[0].attention.cache_k is None
-    context = model.args.max_seq_len if own_cache else model.layers[0].attention.cache_k.shape[2]
+    context = model.args.max_seq_len if cache is None else cache["causal"].shape[0]
     limits = [min(max_new_tokens, context - start_pos - n) for n in lens]  # each row's own room
     if max(limits) < 1:
         return
-    if own_cache:
-        model.setup_cache(B, start_pos + max(L, max(n + m for n, m in zip(lens, limits))))
-    last = model.causal.shape[0] - 1
+    if cache is None:
+        cache = model.make_cache(B, start_pos + max(L, max(n + m for n, m in zip(lens, limits))))
+    last = cache["causal"].shape[0] - 1
     steps, lens, limits = max(limits), torch.tensor(lens, device=device), torch.tensor(limits, device=device)
     tokens = torch.tensor([p + [0] * (L - len(p)) for p in prompts], device=device)  # right-padded
 
-    def step(tokens, pos, seen, u):  # a token per row at positions pos (B,): fixed shapes, one graph
-        logits = model(tokens[:, None], pos[:, None])[:, -1]
+    def step(tokens, cache, pos, seen, u):  # a token per row at positions pos (B,): fixed shapes, one graph
+        logits = model(tokens[:, None], cache, pos[:, None])[:, -1]
         return sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
 
-    if compile:
-        for layer in model.layers:  # lets a CUDA graph write the cache in place
-            torch._dynamo.mark_static_address(layer.attention.cache_k)
-            torch._dynamo.mark_static_address(layer.attention.cache_v)
-        step = torch.compile(step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
-    try:
-        # a row longer than the cache has no budget (-1 only); its positions are clamped so it cannot overflow
-        logits = model(tokens, (start_pos + torch.arange(L, device=device)).clamp(max=last).expand(B, L))
-        logits = logits[torch.arange(B, device=device), lens - 1]  # after each row's last prompt token
-        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-        done = limits < 1
-        for k in range(steps):
-            u = torch.rand(B, 1, generator=generator, device=device)
-            if k == 0:
-                nxt = sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
-            else:  # feed the last token (done rows feed something, at most into the cache's last slot)
-                pos = (start_pos + lens + k - 1).clamp(max=last)
-                nxt = step(nxt.clamp(min=0), pos, seen, u)
-            nxt = torch.where(done, -1, nxt)
-            yield nxt
-            seen.scatter_(1, nxt.clamp(min=0)[:, None], True)  # a finished row's is never read
-            done |= (nxt == stop_id) | (k + 1 >= limits)
-            # reading done stalls a GPU's queue, so there only every 16 steps; on a CPU it costs nothing
-            if (device.type == "cpu" or k % 16 == 15) and done.all():
-                break
-    finally:
-        if own_cache:
-            model.clear_cache()
+    if compile:  # a CUDA graph on a GPU; on a CPU inductor's GEMMs, prepacked where sample.py froze weights
+        if device.type == "cuda":  # the cache is written in place, at the address the graph recorded
+            for t in [*cache["k"], *cache["v"], cache["cos"], cache["sin"], cache["causal"]]:
+                torch._dynamo.mark_static_address(t)
+        step = torch.compile(step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else
+                             "max-autotune")
+    # a row longer than the cache has no budget (-1 only); its positions are clamped so it cannot overflow
+    logits = model(tokens, cache, (start_pos + torch.arange(L, device=device)).clamp(max=last).expand(B, L))
+    logits = logits[torch.arange(B, device=device), lens - 1]  # after each row's last prompt token
+    seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+    done = limits < 1
+    for k in range(steps):
+        u = torch.rand(B, 1, generator=generator, device=device)
+        if k == 0:
+            nxt = sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
+        else:  # feed the last token (done rows feed something, at most into the cache's last slot)
+            nxt = step(nxt.clamp(min=0), cache, (start_pos + lens + k - 1).clamp(max=last), seen, u)
+        nxt = torch.where(done, -1, nxt)
+        yield nxt
+        seen.scatter_(1, nxt.clamp(min=0)[:, None], True)  # a finished row's is never read
+        done |= (nxt == stop_id) | (k + 1 >= limits)
+        # reading done stalls a GPU's queue, so there only every 16 steps; on a CPU it costs nothing
+        if (device.type == "cpu" or k % 16 == 15) and done.all():
+            break

@@ -93,11 +93,14 @@ if args.prompts:
     print(f"{out}: {len(prompts) - len(todo)} prompts already answered, {len(todo)} to go", file=sys.stderr)
 
 import torch
+import torch._inductor.config
 from tqdm import tqdm
 
 from model import CheckpointError, Tokenizer, Transformer, generate
 
 device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+# the weights never change here: on a CPU, inductor folds them into the compiled step, prepacked for its GEMMs
+torch._inductor.config.freezing = args.compile and device == "cpu"
 if args.seed is not None:
     torch.manual_seed(args.seed)
 try:
@@ -125,7 +128,7 @@ try:
     if not args.prompts:  # one prompt is a chat of one message
         room = min(args.max_new_tokens, context // 2)  # kept free for each answer; the oldest turns make way
         turns, cached = [], 0  # each utterance's tokens and EOT; the cache holds the first `cached` of them
-        model.setup_cache(1, context)
+        cache = model.make_cache(1, context)
         sys.stdin.reconfigure(errors="surrogateescape")  # bad bytes become lone surrogates, refused below
         for line in [args.prompt] if args.prompt is not None else iter(lambda: input("> "), None):  # Ctrl-D
             if not is_text(line):
@@ -140,7 +143,7 @@ try:
                 turns, cached = turns[2:], 0  # drop the oldest exchange; the rest is prefilled again
             ids = [tok.bos_id] + sum(turns, [])
             answer, shown = [], ""  # streamed; the cache is fed only what it lacks: the new user turn
-            for t in generate(model, [ids[cached:]], tok.eot_id, **sampling, start_pos=cached):
+            for t in generate(model, [ids[cached:]], tok.eot_id, cache=cache, start_pos=cached, **sampling):
                 if t.item() < 0:  # the answer has ended
                     break
                 answer.append(t.item())

@@ -158,11 +158,10 @@ def test_cached_decoding_equals_full_forward():
     pos = torch.arange(24).expand(3, 24)
     with torch.no_grad():
         full = model(tokens)
-        model.setup_cache(3, 32)
-        steps = [model(tokens[:, :7], pos[:, :7])]
-        steps += [model(tokens[:, t : t + 1], pos[:, t : t + 1]) for t in range(7, 20)]
-        steps.append(model(tokens[:, 20:], pos[:, 20:]))  # a multi-token chunk after the cache (a chat turn)
-        model.clear_cache()
+        cache = model.make_cache(3, 32)
+        steps = [model(tokens[:, :7], cache, pos[:, :7])]
+        steps += [model(tokens[:, t : t + 1], cache, pos[:, t : t + 1]) for t in range(7, 20)]
+        steps.append(model(tokens[:, 20:], cache, pos[:, 20:]))  # a multi-token chunk after the cache (a chat turn)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
@@ -174,10 +173,9 @@ def test_rows_of_a_batch_sit_at_their_own_positions():
     short, long = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 9))
     batch = torch.cat([torch.cat([short, torch.randint(0, 50, (1, 4))], 1), long])
     with torch.no_grad():
-        model.setup_cache(2, 12)
-        padded = model(batch, torch.arange(9).expand(2, 9))
-        nxt = model(torch.tensor([[7], [8]]), torch.tensor([[5], [9]]))  # each row's next position
-        model.clear_cache()
+        cache = model.make_cache(2, 12)
+        padded = model(batch, cache, torch.arange(9).expand(2, 9))
+        nxt = model(torch.tensor([[7], [8]]), cache, torch.tensor([[5], [9]]))  # each row's next position
         alone = [model(short), model(long), model(torch.cat([short, torch.tensor([[7]])], 1))[:, -1],
                  model(torch.cat([long, torch.tensor([[8]])], 1))[:, -1]]
     assert torch.allclose(padded[0, :5], alone[0][0], atol=1e-5)

@@ -246,12 +246,12 @@ def save_epoch(epoch, dev_loss):
     n = min(args.dev_samples, len(dev["ids"]))
     convs = dev["conversations"][rank:n:world]  # each rank answers its share of the prompts
     prompts = [tokenizer.encode_dialogue(c[:1])[0] for c in convs]
-    answers, eot, steps = [[] for _ in prompts], tokenizer.eot_id, iter(())
+    answers, eot, steps, cache = [[] for _ in prompts], tokenizer.eot_id, iter(()), None
     if prompts:  # a bf16 cache under bf16 compute: 65B's float32 cache would take 5 MB a token
         length = min(shape.max_seq_len, max(map(len, prompts)) + args.max_new_tokens)
-        model.setup_cache(len(prompts), length, dtype=torch.bfloat16 if bf16 else None)
+        cache = model.make_cache(len(prompts), length, dtype=torch.bfloat16 if bf16 else None)
         g = torch.Generator(device).manual_seed(args.seed + epoch * world + rank)
-        steps = generate(model, prompts, eot, args.max_new_tokens, generator=g)
+        steps = generate(model, prompts, eot, args.max_new_tokens, generator=g, cache=cache)
     with autocast:
         while True:  # one forward per rank per turn, in lockstep: FSDP gathers each block's weights together
             nxt = next(steps, None)  # runs a forward unless this rank's answers are complete
@@ -262,7 +262,7 @@ def save_epoch(epoch, dev_loss):
                     a += [t] if t >= 0 else []  # -1: that answer has ended
             if all_sum(nxt is not None)[0] == 0:
                 break
-    model.clear_cache()
+    steps = cache = None  # freed before the weights are written
     rows = [{"epoch": epoch, "dev_loss": dev_loss, "prompt": c[0], "response": tokenizer.decode(
         a[: a.index(eot)] if eot in a else a), "ended": eot in a} for c, a in zip(convs, answers)]
     shares = [rows] * world
