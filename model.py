@@ -492,8 +492,11 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
         return sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
 
     if compile:  # a CUDA graph on a GPU; on a CPU inductor's GEMMs, prepacked where sample.py froze weights
-        if device.type == "cuda":  # the cache is written in place, at the address the graph recorded
-            for t in [*cache["k"], *cache["v"], cache["cos"], cache["sin"], cache["causal"]]:
+        for t in [*cache["k"], *cache["v"], cache["cos"], cache["sin"], cache["causal"]]:
+            # the cache's positions (dim 2 of keys and values, 0 of the tables, 1 too of the mask) number as
+            # each batch needs: one graph for all
+            torch._dynamo.mark_dynamic(t, 2 if t.dim() == 4 else [0, 1] if t.dtype == torch.bool else 0)
+            if device.type == "cuda":  # written in place, at the address the graph recorded
                 torch._dynamo.mark_static_address(t)
         step = torch.compile(step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else
                              "max-autotune")

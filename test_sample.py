@@ -229,18 +229,21 @@ def test_compiled_decode_step_is_one_graph_and_decodes_the_same(monkeypatch):
 
 def test_compiled_with_frozen_weights_reads_each_calls_own_cache(monkeypatch):
     """sample.py --compile on a CPU: inductor, weights frozen into the graph. Each call's cache is an input
-    of the compiled step, not baked into it: a second batch of the same shapes with other prompts reuses the
-    graph and decodes as eager does."""
+    of the compiled step, not baked into it: a second batch of the same shapes with other prompts, and a third
+    with a shorter cache, reuse the graph and decode as eager does."""
     import torch._inductor.config
     monkeypatch.setattr(torch._inductor.config, "freezing", True)
     compiled = torch.compile  # inductor without "max-autotune", whose GEMM choice takes the time here
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled(fn, **{**kw, "mode": None}))
     torch._dynamo.reset()
     model = tiny_model(vocab=100)
-    batches = [[[1, 5, 9], [1, 2, 3, 4, 5, 6, 7]], [[1, 8, 8], [1, 7, 6, 5, 4, 3, 2]]]
+    batches = [[[1, 5, 9], [1, 2, 3, 4, 5, 6, 7]], [[1, 8, 8], [1, 7, 6, 5, 4, 3, 2]], [[1, 4], [1, 9, 9, 9]]]
     eager = [run_generate(model, b, 6, temperature=0) for b in batches]
     assert eager[0] != eager[1]
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     assert [run_generate(model, b, 6, temperature=0, compile=True) for b in batches] == eager
+    assert counters["stats"]["unique_graphs"] == 1  # the third batch's shorter cache reuses the graph too
 
 
 # -----------------------------------------------------------------------------
