@@ -316,7 +316,10 @@ def _hf_args(path: Path) -> tuple:
         raise CheckpointError(f"{path / 'config.json'}: not a LLaMA config ({e})") from None
     for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
         if index.exists():
-            files = sorted({path / f for f in _read_json(index)["weight_map"].values()})
+            try:
+                files = sorted({path / f for f in _read_json(index)["weight_map"].values()})
+            except (KeyError, TypeError, AttributeError):
+                raise CheckpointError(f'{index}: expected a "weight_map" of weight names to files') from None
             for file in files:
                 if not file.exists():
                     raise CheckpointError(f"{file}: missing shard listed in {index}")

@@ -267,6 +267,10 @@ def test_hf_index_names_missing_file(tmp_path):
     victim.unlink()
     with pytest.raises(CheckpointError, match=f"{victim.name}: missing shard listed in .*index.json"):
         load_checkpoint(tmp_path)
+    for bad in ["{}", '{"weight_map": [1]}', '{"weight_map": {"a": 1}}']:
+        (tmp_path / "model.safetensors.index.json").write_text(bad)
+        with pytest.raises(CheckpointError, match=r'index.json: expected a "weight_map" of weight names to files'):
+            load_checkpoint(tmp_path)
 
 
 def test_hf_config_without_llama_fields(tmp_path):
