@@ -4,6 +4,7 @@ import fcntl
 import functools
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -319,6 +320,34 @@ def test_dev_samples_in_lockstep_across_ranks_and_rope_in_float32(toy_data, tmp_
     dev = torch.load(toy_data[0] / "dev.pt", weights_only=True)["conversations"]
     assert [r["prompt"] for r in rows] == [c[0] for c in dev[:3]]
     assert all(isinstance(r["response"], str) and r["epoch"] == 1 for r in rows)
+
+
+LOGITS_SPY = """import runpy, sys, weakref
+sys.path.insert(0, ".")  # the repository, where train.py runs
+import torch, torch.nn.functional as F
+logits, live, ce, backward = [], [], F.cross_entropy, torch.Tensor.backward
+def cross_entropy(x, *args, **kw):  # x: a view of the micro-batch's logits
+    logits.append(weakref.ref(x if x._base is None else x._base))
+    return ce(x, *args, **kw)
+def spy_backward(self, *args, **kw):
+    live.append(logits[-1]() is not None)
+    return backward(self, *args, **kw)
+F.cross_entropy, torch.Tensor.backward = cross_entropy, spy_backward
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+print("backward passes:", len(live), "with the logits alive:", sum(live))
+"""
+
+
+def test_logits_are_freed_before_each_backward(toy_data, tmp_path):
+    """The memory plan counts one micro-batch's logits once (bf16, float32, log-softmax, gradient): by the
+    time its loss is backpropagated, nothing holds the logits tensor itself, which autograd does not need."""
+    (tmp_path / "spy.py").write_text(LOGITS_SPY)
+    flags = [*SMALL, "--steps", "1", "--batch_size", "16", "--tokens_per_micro", "200"]  # 3-4 micro-batches
+    r = train(toy_data[0], tmp_path / "out", *flags, script=tmp_path / "spy.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = re.search(r"backward passes: (\d+) with the logits alive: (\d+)", r.stdout).groups()
+    assert int(counts[0]) >= 3 and counts[1] == "0", r.stdout[-500:]
 
 
 RESUMED = [*SMALL, "--epochs", "2", "--batch_size", "16", "--dropout", "0.3", "--save_epochs", "all"]

@@ -227,9 +227,9 @@ def micro_losses(d, idx):
         for r, i in enumerate(micro):
             ids, mask = d["ids"][i], d["mask"][i]
             x[r, : len(ids) - 1], y[r, : len(ids) - 1] = ids[:-1], torch.where(mask[1:], ids[1:], -1)
-        with autocast:
-            logits = model(x.to(device)).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum")
+        with autocast:  # the logits unnamed: this suspended generator would hold them through the backward
+            loss = F.cross_entropy(model(x.to(device)).float().flatten(0, 1), y.to(device).flatten(),
+                                   ignore_index=-1, reduction="sum")
         yield loss, x.numel() - sum(len(d["ids"][i]) - 1 for i in micro) if micro else 0
 
 
