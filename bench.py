@@ -12,7 +12,6 @@ import argparse
 import time
 
 import torch
-import torch._inductor.config
 import torch.nn.functional as F
 
 from model import ModelArgs, Transformer, generate, _hf_name
@@ -111,6 +110,7 @@ if args.mode == "decode":
     sampling = dict(temperature=0, repetition_penalty=1.0) if args.greedy else {}  # LIMA's by default
     compile = args.compile if args.compile is not None else device.type == "cuda"
     if compile and device.type == "cpu":  # as sample.py does: weights folded in, prepacked for the GEMMs
+        import torch._inductor.config
         torch._inductor.config.freezing = True
 
     def ours():

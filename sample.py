@@ -93,14 +93,14 @@ if args.prompts:
     print(f"{out}: {len(prompts) - len(todo)} prompts already answered, {len(todo)} to go", file=sys.stderr)
 
 import torch
-import torch._inductor.config
 from tqdm import tqdm
 
 from model import CheckpointError, Tokenizer, Transformer, generate
 
 device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-# the weights never change here: on a CPU, inductor folds them into the compiled step, prepacked for its GEMMs
-torch._inductor.config.freezing = args.compile and device == "cpu"
+if args.compile and device == "cpu":  # the weights never change here: inductor folds them in, prepacked
+    import torch._inductor.config  # a second of imports: only when compiling
+    torch._inductor.config.freezing = True
 if args.seed is not None:
     torch.manual_seed(args.seed)
 try:
