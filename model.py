@@ -222,7 +222,8 @@ def load_checkpoint(path) -> tuple:
     meta = (path / "params.json").exists()
     if not meta and not (path / "config.json").exists():
         raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face)")
-    args, files = _meta_args(path) if meta else _hf_args(path)
+    model, files = _meta_layout(path) if meta else _hf_layout(path)  # on the meta device: shapes only
+    args = model.args
     # Meta's shards are mapped one at a time and copied out to be joined; other files stay memory-mapped
     pieces, copy = {}, meta and len(files) > 1
     try:  # shards that do not fit together, missing or unexpected keys, wrong shapes: PyTorch names them
@@ -236,8 +237,7 @@ def load_checkpoint(path) -> tuple:
         for name in list(pieces):  # pop: each weight's pieces are freed once joined
             parts, dim = pieces.pop(name), META_SPLIT_DIM.get(name.split(".")[-2])
             state_dict[name] = parts[0] if len(parts) == 1 or dim is None else torch.cat(parts, dim)
-        with torch.device("meta"):
-            Transformer(args).load_state_dict(state_dict, strict=True, assign=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: {' '.join(str(e).split())}") from None
     return args, state_dict
@@ -268,7 +268,7 @@ def _load_file(file: Path) -> dict:
         raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
 
 
-def _meta_args(path: Path) -> tuple:
+def _meta_layout(path: Path) -> tuple:
     params = _read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
@@ -281,18 +281,18 @@ def _meta_args(path: Path) -> tuple:
             params["vocab_size"] = embedding.shape[0]
         args = ModelArgs(**{k: v for k, v in params.items() if k in {f.name for f in fields(ModelArgs)}})
         n = args.dim // embedding.shape[1]  # how many ways the release was split
-        with torch.device("meta"):
-            Transformer(args)  # sizes no model has (0 heads, a string) fail here, not in load_state_dict
+        with torch.device("meta"):  # sizes no model has (0 heads, a string) fail here, naming params.json
+            model = Transformer(args)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'params.json'}: not LLaMA's parameters ({e})") from None
     files = [path / f"consolidated.{i:02d}.pth" for i in range(n)]
     for file in files:
         if not file.exists():
             raise CheckpointError(f"{file}: missing shard (the weights are split {n} ways)")
-    return args, files
+    return model, files
 
 
-def _hf_args(path: Path) -> tuple:
+def _hf_layout(path: Path) -> tuple:
     config = _read_json(path / "config.json")
     try:  # RoPE's base: at the top level or in rope_parameters (transformers 5); plain RoPE only
         rope_parameters, scaling = config.get("rope_parameters") or {}, config.get("rope_scaling") or {}
@@ -309,7 +309,7 @@ def _hf_args(path: Path) -> tuple:
             norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", rope_theta),
             max_seq_len=config.get("max_position_embeddings", 2048))
         with torch.device("meta"):
-            Transformer(args)
+            model = Transformer(args)
     except KeyError as e:
         raise CheckpointError(f"{path / 'config.json'}: no {e.args[0]!r}, expected a LLaMA config") from None
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
@@ -323,11 +323,11 @@ def _hf_args(path: Path) -> tuple:
             for file in files:
                 if not file.exists():
                     raise CheckpointError(f"{file}: missing shard listed in {index}")
-            return args, files
+            return model, files
     files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"{path}: config.json but no model*.safetensors or pytorch_model*.bin")
-    return args, files
+    return model, files
 
 
 def _hf_name(name: str, to_hf: bool = False) -> str:
