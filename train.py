@@ -440,7 +440,7 @@ for step in bar:
                     shutil.rmtree(old)
 if distributed:
     dist.destroy_process_group()
-    # all is on disk. FSDP still holds the process group: its threads outlive this and, in Python's teardown,
-    # can abort the process ("terminate called without an active exception"), so the teardown is skipped
+    # all is on disk. FSDP still holds the process group; a gloo thread freeing a finished broadcast's tensors
+    # takes the GIL, which aborts the process if Python is tearing itself down: skip the teardown
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)
