@@ -92,9 +92,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # decoding: keys and values go to their positions pos (B, T), read whole
-            cache_k, cache_v, pos = cache
-            rows = torch.arange(B, device=x.device)[:, None]
+        if cache is not None:  # decoding: keys and values go to row r's positions pos[r], read whole
+            cache_k, cache_v, rows, pos = cache
             cache_k[rows, :, pos], cache_v[rows, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
             k, v = cache_k, cache_v
         # grouped-query: each key/value head serves n_heads/n_kv_heads queries
@@ -152,8 +151,9 @@ class Transformer(nn.Module):
             cos, sin = rope(self.args.dim // self.args.n_heads, positions, self.args.rope_theta)
         else:  # rows of the tables made once per cache
             cos, sin, mask = (cache[table][pos][:, None] for table in ("cos", "sin", "causal"))
+            rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # once, not in every layer
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None if cache is None else (cache["k"][i], cache["v"][i], pos))
+            h = layer(h, cos, sin, mask, None if cache is None else (cache["k"][i], cache["v"][i], rows, pos))
         return self.output(self.norm(h))
 
     def make_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
