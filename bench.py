@@ -14,7 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import ModelArgs, Transformer, generate, _hf_name
+from checkpoint import hf_name
+from model import ModelArgs, Transformer, generate
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("mode", choices=["decode", "train"])
@@ -92,7 +93,7 @@ if not args.no_hf:
                              rope_theta=margs.rope_theta, tie_word_embeddings=False)
         with torch.device(device):
             hf = LlamaForCausalLM(config).to(dtype)
-        ours = {_hf_name(k): k for k in hf.state_dict()}  # the same weights (q/k rows in Meta's rotary order)
+        ours = {hf_name(k, to_hf=False): k for k in hf.state_dict()}  # the same weights (q/k rows in Meta's rotary order)
         hf.load_state_dict({ours[k]: v for k, v in model.state_dict().items()})
         hf.eval()
 model.train(args.mode == "train")

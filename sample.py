@@ -95,7 +95,8 @@ if args.prompts:
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError, Tokenizer, Transformer, generate
+from checkpoint import CheckpointError, load_model
+from model import Tokenizer, generate
 
 device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 if args.compile and device == "cpu":  # the weights never change here: inductor folds them in, prepacked
@@ -109,7 +110,7 @@ except (OSError, RuntimeError) as e:
     sys.exit(f"error: {tok_path}: not a SentencePiece model ({e})")
 try:  # a base LLaMA gains EOT
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = Transformer.from_pretrained(args.ckpt, vocab_size=tok.n_words, dtype=dtype).to(device).eval()
+    model = load_model(args.ckpt, vocab_size=tok.n_words, dtype=dtype).to(device).eval()
 except CheckpointError as e:
     sys.exit(f"error: {e}")
 if not all(torch.isfinite(w).all() for w in model.parameters()):

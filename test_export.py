@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from model import ModelArgs, Tokenizer, Transformer, generate, hf_files, load_checkpoint
+from checkpoint import hf_files, load_checkpoint, load_model
+from model import ModelArgs, Tokenizer, Transformer, generate
 from test_train import trained
 
 transformers = pytest.importorskip("transformers")
@@ -42,7 +43,7 @@ def test_epoch_loads_in_transformers_with_equal_logits(demo_run):
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.bfloat16
     weights = load_file(ckpt / "model-00001-of-00001.safetensors")
     assert weights["model.layers.1.self_attn.q_proj.weight"].dtype == torch.bfloat16
-    ours = Transformer.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ours = load_model(ckpt, dtype=torch.float32).eval()
     hf = hf.float().eval()
     tokens = torch.tensor([tok.encode_dialogue(c)[0][:200] for c in
                            torch.load(data / "dev.pt", weights_only=True)["conversations"][:1]])
@@ -101,7 +102,7 @@ def test_generation_stops_at_eot(demo_run):
     # greedy, without the penalty (transformers' counts the prompt too): sample.py's decoder's tokens
     hf_greedy = hf.generate(torch.tensor([prompt]), do_sample=False, repetition_penalty=1.0,
                             max_new_tokens=30)
-    ours = Transformer.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ours = load_model(ckpt, dtype=torch.float32).eval()
     greedy = generate(ours, [prompt], tok.eot_id, 30, temperature=0, repetition_penalty=1.0)
     assert hf_greedy[0, len(prompt):].tolist() == [t.item() for t in greedy]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import CheckpointError, ModelArgs, Tokenizer, Transformer, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, load_model
+from model import ModelArgs, Tokenizer, Transformer
 
 ROOT = Path(__file__).parent
 LLAMA_TOKENIZER = ROOT.parent / "shared" / "llama" / "tokenizer.model"
@@ -78,7 +79,7 @@ def test_logits_match_transformers(tmp_path, n_kv_heads):
     # multiple_of=16 with ffn_dim_multiplier 1.0: int(8*64/3)=170 -> 176, the HF intermediate_size
     to_meta_layout(sd, 4, n_kv_heads, 64, 2, tmp_path / "meta")
     for layout in ["hf_safetensors", "hf_bin", "hf_sharded", "meta"]:
-        model = Transformer.from_pretrained(tmp_path / layout).eval()
+        model = load_model(tmp_path / layout).eval()
         assert model.args.n_kv_heads == n_kv_heads and model.args.hidden_dim == 176
         with torch.no_grad():
             got = model(tokens)
@@ -96,7 +97,7 @@ def test_transformers5_rope_parameters(tmp_path):
     assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 500000.0
     tokens = torch.randint(0, 96, (2, 100))
     with torch.no_grad():
-        want, got = ref(tokens).logits, Transformer.from_pretrained(tmp_path / "hf").eval()(tokens)
+        want, got = ref(tokens).logits, load_model(tmp_path / "hf").eval()(tokens)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     for rope in ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}},
                  {"rope_scaling": {"type": "linear", "factor": 2.0}}):
@@ -196,11 +197,11 @@ def test_grow_vocab_adds_mean_rows():
 
 def test_from_pretrained_grows_eot(tmp_path):
     to_meta_layout(hf_model().state_dict(), 4, 4, 64, 1, tmp_path)
-    model = Transformer.from_pretrained(tmp_path, vocab_size=97)
+    model = load_model(tmp_path, vocab_size=97)
     assert model.args.vocab_size == 97 and model.output.weight.shape == (97, 64)
-    assert Transformer.from_pretrained(tmp_path, vocab_size=96).args.vocab_size == 96  # EOT already there
+    assert load_model(tmp_path, vocab_size=96).args.vocab_size == 96  # EOT already there
     with pytest.raises(CheckpointError, match=r"has 96 tokens, expected 98 \(a base LLaMA\) or 99 \(with EOT\)"):
-        Transformer.from_pretrained(tmp_path, vocab_size=99)
+        load_model(tmp_path, vocab_size=99)
 
 
 # -----------------------------------------------------------------------------
@@ -306,10 +307,10 @@ def test_load_peak_memory_is_one_copy(tmp_path):
                                                       "norm_eps": 1e-5, "vocab_size": -1}))
     del full
     # VmHWM is this process's own peak (ru_maxrss would inherit the parent's)
-    code = ("import re, sys, torch; from model import Transformer\n"
+    code = ("import re, sys, torch; from model import Transformer; from checkpoint import load_model\n"
             "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
             "base = hwm()\n"
-            "m = Transformer.from_pretrained(sys.argv[1])\n"
+            "m = load_model(sys.argv[1])\n"
             "print(hwm() - base)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint import load_model
 from model import ModelArgs, Tokenizer, Transformer, generate, penalize, sample_token, top_p_filter
 
 ROOT = Path(__file__).parent
@@ -281,7 +282,7 @@ def ckpt(tmp_path_factory):
 
 
 def loaded(ckpt):
-    return Transformer.from_pretrained(ckpt, dtype=torch.float32).eval(), Tokenizer(ckpt / "tokenizer.model")
+    return load_model(ckpt, dtype=torch.float32).eval(), Tokenizer(ckpt / "tokenizer.model")
 
 
 def sample(*args, cwd=ROOT, stdin=""):

@@ -23,7 +23,8 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils.checkpoint import checkpoint
 
 from conftest import ROOT
-from model import ModelArgs, Transformer, load_checkpoint
+from checkpoint import load_checkpoint, load_model
+from model import ModelArgs, Transformer
 
 SMALL = ["--dim", "64", "--n_layers", "2", "--n_heads", "2", "--dev_samples", "0"]
 
@@ -205,7 +206,7 @@ def test_resume_equals_uninterrupted(toy_data, resumed, tmp_path):
 def test_dropout_rises_per_layer(resumed):
     args = load_checkpoint(resumed / "epoch_02")[0]
     assert args.vocab_size == 97 and args.dim == 64 and log(resumed)[0]["config"]["dropout"] == 0.3
-    model = Transformer.from_pretrained(resumed / "epoch_02", dropout=0.3)
+    model = load_model(resumed / "epoch_02", dropout=0.3)
     assert [block.dropout for block in model.layers] == [0.0, 0.3]
 
 
@@ -227,7 +228,7 @@ def test_tiny_demo_learns_and_its_checkpoint_loads(demo_run):
     samples = [json.loads(line) for line in (ckpt / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(isinstance(s["response"], str) for s in samples)
     # the epoch checkpoint is the trained float32 model rounded to bf16
-    loaded = Transformer.from_pretrained(ckpt, dtype=torch.float32).eval()
+    loaded = load_model(ckpt, dtype=torch.float32).eval()
     fp32 = state(out)["model"]
     reference = Transformer(loaded.args).eval()
     reference.load_state_dict({k: v.bfloat16().float() for k, v in fp32.items()})
