@@ -243,7 +243,8 @@ def keep_nucleus(sorted_probs, order, top_p: float, vocab_size: int):
     and scatter the rest back to vocabulary order."""
     before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
     kept = sorted_probs.masked_fill(before >= top_p, 0.0)
-    zeros = torch.zeros(*sorted_probs.shape[:-1], vocab_size, device=sorted_probs.device)
+    shape = (*sorted_probs.shape[:-1], vocab_size)
+    zeros = sorted_probs.new_zeros(shape)
     return zeros.scatter(-1, order, kept)
 
 
