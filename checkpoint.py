@@ -9,6 +9,7 @@ Every file of weights and state lima reads or writes:
 Every problem with a file is a CheckpointError whose message names the file and what is wrong.
 """
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -335,6 +336,7 @@ def hf_files(args: ModelArgs, tokenizer) -> dict:
         "temperature": 0.7,
         "top_p": 0.9,
         "repetition_penalty": 1.2,
+        "top_k": 0,  # off: transformers would otherwise apply its top-k 50 before the nucleus
         "max_new_tokens": 2048,
     }
     return {
@@ -461,6 +463,38 @@ class TensorsOnlyReader(dcp.FileSystemReader):
         return metadata
 
 
+def file_sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gathered(share: list, world: int) -> list:
+    """Every rank's share, concatenated in rank order, on every rank."""
+    shares = [share] * world
+    if world > 1:
+        dist.all_gather_object(shares, share)
+    return [item for rank_share in shares for item in rank_share]
+
+
+def verify_resume(state_dir: Path, rank: int, world: int):
+    """Refuse a state whose files changed since they were saved: each rank hashes its share of the
+    files that sha256.json lists (a state saved before it was written has none: not checked)."""
+    sums_file = state_dir / "sha256.json"
+    if not sums_file.exists():
+        return
+    sums = read_json(sums_file)
+    names = sorted(sums)
+    changed = [name for name in names[rank::world]
+               if not (state_dir / name).is_file() or file_sha256(state_dir / name) != sums[name]]
+    changed = gathered(changed, world)
+    if changed:
+        raise CheckpointError(f"{state_dir / changed[0]}: its bytes differ from those saved (its "
+                              "SHA-256 is not sha256.json's): the resume state is damaged")
+
+
 def latest_resume(out: Path) -> Path | None:
     return max((out / "resume").glob("step_*"), default=None)
 
@@ -469,6 +503,7 @@ def check_resume(state_dir: Path, run: dict, data_dir: Path):
     """Refuse a resume whose run.json differs from this run's settings, naming the first change."""
     try:
         saved = json.loads((state_dir / "run.json").read_text())
+        saved.setdefault("dtype", run["dtype"])  # not recorded before: taken as the same
         changed = next((k for k in run if saved[k] != run[k]), None)
         model_diff = [f"{k} {v}, not {run['model'].get(k)}"
                       for k, v in saved["model"].items() if v != run["model"].get(k)]
@@ -487,9 +522,11 @@ def check_resume(state_dir: Path, run: dict, data_dir: Path):
         f"{state_dir} was trained with {why}; resume with the same settings, or give a fresh --out")
 
 
-def load_resume(state_dir: Path, model, optimizer):
-    """Weights and AdamW state from state_dir, resharded to this run's processes. Only tensors are
-    read: the param groups (pickled, "bytes") are what the flags give."""
+def load_resume(state_dir: Path, model, optimizer, rank: int, world: int):
+    """Weights and AdamW state from state_dir, resharded to this run's processes, once its files
+    are verified. Only tensors are read: the param groups (pickled, "bytes") are what the flags
+    give."""
+    verify_resume(state_dir, rank, world)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": {"state": optim_state["state"]}}
     logging.disable(logging.WARNING)  # DCP logs a failed read's traceback, then raises
@@ -505,14 +542,19 @@ def load_resume(state_dir: Path, model, optimizer):
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
-def save_resume(out: Path, step: int, model, optimizer, run: dict, rank: int):
-    """OUT/resume/step_N/: each rank writes its shards under a temporary name, rank 0 adds run.json
-    and renames it into place (a new name: one atomic rename), then removes the older states."""
+def save_resume(out: Path, step: int, model, optimizer, run: dict, rank: int, world: int):
+    """OUT/resume/step_N/: each rank writes its shards under a temporary name and hashes them;
+    rank 0 adds sha256.json and run.json and renames it into place (a new name: one atomic
+    rename), then removes the older states."""
     model_state, optim_state = get_state_dict(model, optimizer)
     tmp, final = out / "resume" / f".tmp_step_{step:06d}", out / "resume" / f"step_{step:06d}"
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    mine = sorted(tmp.glob(f"__{rank}_*.distcp"))  # DCP's names for rank r's files
+    sums = gathered([(f.name, file_sha256(f)) for f in mine], world)
     if rank != 0:
         return
+    sums.append((".metadata", file_sha256(tmp / ".metadata")))
+    (tmp / "sha256.json").write_text(json.dumps(dict(sums), indent=1))
     (tmp / "run.json").write_text(json.dumps(run))
     tmp.rename(final)
     for old in (out / "resume").iterdir():

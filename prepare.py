@@ -2,7 +2,8 @@
 "source": ...}), to the token ids and loss masks train.py reads: OUT/train.pt, OUT/dev.pt and
 OUT/tokenizer.model. With no flags, the tiny demo: data/sample.jsonl, with a small tokenizer trained
 on it. For LLaMA:
-python prepare.py --input lima/train.jsonl --tokenizer llama/tokenizer.model --dev 50 --out data/lima"""
+    python prepare.py --input lima/train.jsonl --tokenizer llama/tokenizer.model --dev 50 \
+        --out data/lima"""
 import argparse
 import hashlib
 import io

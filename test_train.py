@@ -378,17 +378,25 @@ def test_resume_refuses_what_it_cannot_honour(toy_data, resumed, tmp_path):
     step = out / "resume" / "step_000006"
     damaged = shutil.copytree(out, tmp_path / "damaged") / "resume" / "step_000006"
     (damaged / "__0_0.distcp").write_bytes((step / "__0_0.distcp").read_bytes()[:1000])
+    flipped = shutil.copytree(out, tmp_path / "flipped") / "resume" / "step_000006"
+    shard = bytearray((step / "__0_0.distcp").read_bytes())
+    shard[len(shard) // 2] ^= 1  # one bit in the middle of the weights
+    (flipped / "__0_0.distcp").write_bytes(shard)
     data, other = toy_data
-    changed = {"batch_size": (16, 20), "epochs": (2, 3), "seed": (1337, 1), "weight_decay": (0.1, 0.05)}
+    changed = {"batch_size": (16, 20), "epochs": (2, 3), "seed": (1337, 1), "weight_decay": (0.1, 0.05),
+               "dtype": ("float32", "bfloat16")}
     runs = [(data, out, *RESUMED, "--resume", f"--{k}", new) for k, (old, new) in changed.items()]
     runs += [(other, out, *RESUMED, "--resume"), (data, out, *RESUMED, "--resume", "--dim", 32),
-             (data, damaged.parent.parent, *RESUMED, "--resume")]
+             (data, damaged.parent.parent, *RESUMED, "--resume"),
+             (data, flipped.parent.parent, *RESUMED, "--resume")]
     tail = "; resume with the same settings, or give a fresh --out\n"
     got = refusals(*runs)
-    assert got[:6] == [(1, f"error: --resume: {step} was trained with {why}{tail}") for why in [
+    assert got[:7] == [(1, f"error: --resume: {step} was trained with {why}{tail}") for why in [
         *(f"--{k} {old}, not {new}" for k, (old, new) in changed.items()),
         f"other data than --data {other} (its train.pt and dev.pt differ)", "another model: dim 64, not 32"]]
-    assert got[6] == (1, f"error: --resume: {damaged} cannot be loaded (EOFError())\n")
+    for state in (damaged, flipped):  # truncated, or one bit changed: the checksum says which file
+        assert got.pop(7) == (1, f"error: --resume: {state / '__0_0.distcp'}: its bytes differ from those "
+                                 "saved (its SHA-256 is not sha256.json's): the resume state is damaged\n")
     assert {p.name for p in out.iterdir()} == {p.name for p in resumed.iterdir()}
 
 
@@ -413,6 +421,8 @@ def test_planted_resume_metadata_runs_no_code(toy_data, resumed, tmp_path):
     metadata.state_dict_metadata["model.norm.weight"] = BytesStorageMetadata()
     metadata.storage_data[MetadataIndex("model.norm.weight")] = _StorageInfo("planted.distcp", 0, buf.tell())
     (b / ".metadata").write_bytes(pickle.dumps(metadata))
+    for planted in (a, b):  # sha256.json would refuse them first: whoever plants files can drop it
+        (planted / "sha256.json").unlink()
     (ra, ea), (rb, eb) = refusals(*((toy_data[0], s.parent.parent, *RESUMED, "--resume") for s in (a, b)))
     assert ra == rb == 1 and ea.count("\n") == eb.count("\n") == 1
     assert ea.startswith(f"error: --resume: {a} cannot be loaded (")
@@ -437,3 +447,38 @@ def test_non_finite_loss_stops_the_run(toy_data, tmp_path):
     r = train(toy_data[0], tmp_path, *SMALL, "--batch_size", "16", "--lr", "1e30", "--epochs", "1")
     assert r.returncode == 1 and "error: non-finite loss at step 3 (epoch 1)" in r.stderr
     assert not list(tmp_path.glob("epoch_*")) and not (tmp_path / "resume").exists()
+
+
+NODES = """import os, runpy, sys
+how, elsewhere, repository = sys.argv[1:4]
+sys.path.insert(0, repository)
+os.environ["LOCAL_WORLD_SIZE"] = "1"  # as if each rank were a node of its own
+if os.environ["RANK"] == "1" and how == "apart":  # a node whose --out is another directory
+    os.chdir(elsewhere)
+sys.argv = ["train.py", *sys.argv[4:]]
+runpy.run_path(os.path.join(repository, "train.py"), run_name="__main__")
+"""
+
+
+def test_several_nodes_must_share_out(toy_data, tmp_path):
+    """Under torchrun on several nodes, every rank checks at start-up that it sees rank 0's --out: a rank
+    that sees another directory (its --out not on a shared filesystem) stops the run before training."""
+    (tmp_path / "nodes.py").write_text(NODES)
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node1").mkdir()
+    flags = [*SMALL, "--steps", "1", "--batch_size", "16"]
+    runs = {}
+    for how in ("apart", "shared"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(tmp_path / "nodes.py"), how, str(tmp_path / "node1"), str(ROOT), "--data",
+               str(toy_data[0]), "--out", f"out_{how}", *flags]  # --out relative to each rank's cwd
+        runs[how] = subprocess.run(cmd, cwd=tmp_path / "node0", capture_output=True, text=True)
+    apart = runs["apart"]
+    assert apart.returncode != 0
+    assert ("error: --out out_apart: 1 of 2 ranks do not see rank 0's files there: on several nodes --out "
+            "must be on a filesystem every node shares") in apart.stderr
+    assert not list((tmp_path / "node0" / "out_apart").iterdir())  # no log, no lock, no token left
+    shared = runs["shared"]
+    assert shared.returncode == 0, shared.stderr[-2000:]
+    assert (tmp_path / "node0" / "out_shared" / "resume" / "step_000001").is_dir()
+    assert not list((tmp_path / "node0" / "out_shared").glob(".shared_*"))

@@ -139,6 +139,24 @@ try:  # refused now, and checked again under the lock before anything is written
 except CheckpointError as e:
     sys.exit(f"error: {e}")
 resume_dir = latest_resume(out) if args.resume else None
+if distributed and world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+    # several nodes: every rank writes into --out (its epoch rows, its resume shards), so all must
+    # see one directory. Rank 0 writes a token; a rank that cannot read it back sees another one
+    token_file = out / f".shared_{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    token = [os.urandom(8).hex()]
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    sees_it = token_file.is_file() and token_file.read_text() == token[0]
+    n_blind = torch.tensor(0 if sees_it else 1, device=device)
+    dist.all_reduce(n_blind)
+    dist.barrier()
+    if master:
+        token_file.unlink()
+    if n_blind.item():
+        sys.exit(f"error: --out {out}: {n_blind.item()} of {world} ranks do not see rank 0's "
+                 "files there: on several nodes --out must be on a filesystem every node shares")
 if args.resume and resume_dir is None:
     sys.exit(f"error: --resume: nothing saved in {out / 'resume'}")
 
@@ -166,7 +184,8 @@ except Exception as e:
 n_words = tokenizer.n_words
 for split, d in (("train", train), ("dev", dev)):
     made_by = [d.get("n_words"), d.get("eot_id"), d.get("tokenizer_sha256")]
-    if made_by != [n_words, n_words - 1, tokenizer_sha] or any(x.max() >= n_words for x in d["ids"]):
+    out_of_vocabulary = any(x.max() >= n_words for x in d["ids"])
+    if made_by != [n_words, n_words - 1, tokenizer_sha] or out_of_vocabulary:
         sys.exit(f"error: {data_dir / split}.pt was not tokenized with {tokenizer_file} "
                  f"({n_words} words, EOT {n_words - 1}); rerun prepare.py")
     d["ids"] = [x[: args.max_len] for x in d["ids"]]  # LIMA §3: texts trimmed
@@ -240,6 +259,7 @@ model_args.dropout = args.dropout
 # what a resume depends on (world size and micro-batching change nothing: see the loss below)
 run = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "weight_decay",
                                      "beta1", "beta2", "seed", "max_len", "dropout")}
+run["dtype"] = "bfloat16" if bf16 else "float32"
 run = json.loads(json.dumps({**run, "data": data_sha, "model": vars(model_args)}))  # as it reads
 if args.resume:
     try:
@@ -379,12 +399,13 @@ if master:  # rank 0 holds OUT/.lock while the run lives
 start = 0
 if args.resume:  # data order, dropout and lr are functions of the step: weights and AdamW suffice
     try:
-        load_resume(resume_dir, model, optimizer)
+        load_resume(resume_dir, model, optimizer, rank, world)
     except CheckpointError as e:
         sys.exit(f"error: --resume: {e}")
     start = int(resume_dir.name.removeprefix("step_"))
 if master:  # OUT/log.jsonl: one JSON object a line, the settings first, the recipe filled in
-    print(f"recipe: {preset}; {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g} to "
+    epochs = f"{args.epochs} epoch" + "s" * (args.epochs != 1)
+    print(f"recipe: {preset}; {epochs}, batch {args.batch_size}, lr {args.lr:g} to "
           f"{args.min_lr:g}, dropout {args.dropout}", file=sys.stderr)
     log_file = open(out / "log.jsonl", "a" if args.resume else "w", buffering=1)
     settings = {"config": vars(args), "preset": preset, "world_size": world,
@@ -439,6 +460,9 @@ for step in bar:
                     for t in lengths)
         log["mfu"] = flops / (seconds * peak * world)
         postfix["mfu"] = f"{log['mfu']:.0%}"
+    if cuda:  # the margin a user has, at once (README: memory per GPU)
+        log["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
+        postfix["mem"] = f"{log['peak_reserved_gb']:.1f}GB"
     if master:
         bar.set_postfix(postfix)
         print(json.dumps(log), file=log_file)
@@ -459,13 +483,22 @@ for step in bar:
                 tqdm.write(f"epoch {epoch + 1}: dev loss {dev_loss}")
                 print(json.dumps({"epoch": epoch + 1, "dev_loss": dev_loss}), file=log_file)
             if epoch + 1 in save_epochs:
+                if master:
+                    n_answers = min(args.dev_samples, len(dev["ids"]))
+                    tqdm.write(f"epoch {epoch + 1}: answering {n_answers} dev prompts, then "
+                               f"writing {out / f'epoch_{epoch + 1:02d}'}")
                 samples = answer_dev_prompts(epoch + 1, dev_loss)
                 save_epoch(out, epoch + 1, model, tokenizer, tokenizer_file, samples, rank,
                            world)
         model.train()
     if saving:  # weights, AdamW state and step; each rank writes its shards
-        save_resume(out, step + 1, model, optimizer, run, rank)
+        save_resume(out, step + 1, model, optimizer, run, rank, world)
 
+if master and end < total_steps:
+    print(f"stopped after step {end} of {total_steps} (--steps); continue with --resume: "
+          f"{out / 'resume' / f'step_{end:06d}'}", file=sys.stderr)
+elif master:
+    print(f"done: {total_steps} steps; epochs in {out}", file=sys.stderr)
 if distributed:
     dist.destroy_process_group()
     # All is on disk. FSDP still holds the process group; a gloo thread freeing a finished
