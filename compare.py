@@ -549,8 +549,8 @@ RATE_VERDICT = r"rating:\s*(fail|pass|excellent)\.?"
 KEYS = "better: 1 or 2; t: neither is significantly better; s: skip; q: quit > "
 RATE_KEYS = "f: Fail; p: Pass; e: Excellent; s: skip; q: quit > "
 RATE_GUIDE = ("Rate each answer (LIMA §4.3). Fail: it does not meet the requirements of the "
-              "prompt. Pass: it meets them. Excellent: it meets them and is as good as or better than what "
-              "an expert would write.")
+              "prompt. Pass: it meets them. Excellent: it meets them and is as good as or better "
+              "than what an expert would write.")
 RATE_LABELS = {"f": "Fail", "p": "Pass", "e": "Excellent", "s": "skip", None: "unparsed",
                "fail": "Fail", "pass": "Pass", "excellent": "Excellent"}  # keys, then verdicts
 
