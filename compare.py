@@ -1,11 +1,26 @@
 """
-LIMA's evaluation (LIMA §4.1): one prompt and two models' answers, shown in random order, and an annotator
-says which is better or that neither is significantly better. The annotator is a person at the terminal or a
-judge model behind an OpenAI-compatible API (LIMA's Figure 2 used GPT-4); --report draws Figure 1's bars.
+LIMA's evaluation (LIMA §4): one prompt and two models' answers, shown in random order, and an
+annotator says which is better or that neither is significantly better (§4.1); or one model's
+answers rated Fail, Pass or Excellent (§4.3). The annotator is a person at the terminal or a judge
+model behind an OpenAI-compatible API (LIMA's Figure 2 used GPT-4); --report summarises either and
+--plot draws Figure 1's bars or Figure 3's.
 
-$ python compare.py lima.jsonl base.jsonl --out judgments.jsonl --annotator ana     # you judge, key by key
-$ python compare.py lima.jsonl base.jsonl --out judgments.jsonl --judge http://localhost:8000 --judge_model M
-$ python compare.py --report judgments.jsonl
+$ python compare.py lima.jsonl base.jsonl --out judgments.jsonl --annotator ana  # you, key by key
+$ python compare.py lima.jsonl base.jsonl --out judgments.jsonl --judge URL --judge_model M
+$ python compare.py lima.jsonl base.jsonl --out judgments.jsonl --judge URL --judge_model M \\
+      --both_orders                                      # each item twice, the answers swapped
+$ python compare.py --rate lima.jsonl --out ratings.jsonl       # 50 answers drawn at random
+$ python compare.py --report judgments.jsonl --plot figure1.png
+$ python compare.py --report ratings.jsonl --plot figure3.png
+
+The answer files are jsonl with "prompt" and "response" (what sample.py --prompts writes),
+matched by prompt. Every judgment and rating is appended to --out at once, and a rerun continues.
+The annotator defaults to the login name, with --judge to the judge model's; with --report,
+--annotator keeps only that annotator's. --judge takes http://host:port, .../v1 or
+.../v1/chat/completions; the key comes from OPENAI_API_KEY. --both_orders is MT-Bench's rule: a
+verdict stands when the two orders agree, else it is a tie. --rate draws --sample prompts with
+--seed (default 0, so that a rerun draws the same). The report's 95% intervals come from
+--bootstrap resamples of the judgments; --plot needs matplotlib.
 """
 import argparse
 import getpass
@@ -21,32 +36,58 @@ from collections import Counter
 from itertools import accumulate
 from pathlib import Path
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("answers", nargs="*", metavar="A.jsonl B.jsonl", help="two answer files, jsonl with "
-                    '"prompt" and "response" (what sample.py --prompts writes), matched by prompt')
-parser.add_argument("--out", help="judgments.jsonl: every judgment is appended at once; a rerun continues")
-parser.add_argument("--annotator", help="your name (default: the login name; with --judge: the judge "
-                    "model's); with --report: only this annotator's judgments")
-parser.add_argument("--seed", type=int, help="seed for the order of the answers (and --report's bootstrap)")
-parser.add_argument("--judge", metavar="URL", help="an OpenAI-compatible server (http://host:port, .../v1 or "
-                    ".../v1/chat/completions) that judges instead of you; the key comes from OPENAI_API_KEY")
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("answers", nargs="*", metavar="A.jsonl B.jsonl", help="two answer files")
+parser.add_argument("--out", help="judgments or ratings jsonl, appended to; a rerun continues")
+parser.add_argument("--annotator", help="your name (default: the login name or the judge model)")
+parser.add_argument("--seed", type=int, help="seed for the order of the answers and the bootstrap")
+parser.add_argument("--judge", metavar="URL", help="an OpenAI-compatible judge server")
 parser.add_argument("--judge_model", metavar="NAME", help="the model the judge server runs")
-parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the judge (%(default)s)")
-parser.add_argument("--report", metavar="JUDGMENTS", help="summarise a judgments.jsonl")
-parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for 95%% intervals (%(default)s)")
+parser.add_argument("--timeout", type=float, default=120, help="seconds for a reply (%(default)s)")
+parser.add_argument("--both_orders", action="store_true", help="judge each item twice, swapped")
+parser.add_argument("--rate", metavar="ANSWERS", help="rate one file's answers, not a pair's")
+parser.add_argument("--sample", type=int, default=50, help="answers --rate draws (0: all)")
+parser.add_argument("--report", metavar="FILE", help="summarise a judgments or ratings jsonl")
+parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (%(default)s)")
+parser.add_argument("--plot", metavar="PNG", help="with --report: draw the paper's figure")
 args = parser.parse_args()
-if args.report and args.answers or not args.report and (len(args.answers) != 2 or not args.out):
-    parser.error("give A.jsonl B.jsonl --out JUDGMENTS.jsonl, or --report JUDGMENTS.jsonl")
+
+reporting = args.report and not (args.answers or args.rate)
+rating = args.rate and not (args.answers or args.report) and args.out
+judging = not (args.report or args.rate) and len(args.answers) == 2 and args.out
+if not (reporting or rating or judging):
+    sys.exit("error: give A.jsonl B.jsonl --out JUDGMENTS.jsonl, --rate ANSWERS.jsonl --out "
+             "RATINGS.jsonl, or --report FILE")
+if args.both_orders and not judging:
+    sys.exit("error: --both_orders swaps the two answers of a pair: not with --rate or --report")
+if args.plot and not args.report:
+    sys.exit("error: --plot goes with --report")
 if (args.judge is None) != (args.judge_model is None):
-    parser.error("--judge URL and --judge_model NAME go together")
+    sys.exit("error: --judge URL and --judge_model NAME go together")
 if args.judge and not args.judge.startswith(("http://", "https://")):
-    parser.error(f"--judge must be an http:// or https:// URL, got {args.judge}")
-for ok, flag, want in [(args.timeout > 0, "timeout", "> 0"), (args.bootstrap >= 2, "bootstrap", ">= 2")]:
-    if not ok:
-        sys.exit(f"error: --{flag} must be {want}, got {getattr(args, flag)}")
+    sys.exit(f"error: --judge must be an http:// or https:// URL, got {args.judge}")
+if not args.timeout > 0:  # written this way round, NaN is refused too
+    sys.exit(f"error: --timeout must be > 0, got {args.timeout}")
+if args.bootstrap < 2:
+    sys.exit(f"error: --bootstrap must be >= 2, got {args.bootstrap}")
+if args.sample < 0:
+    sys.exit(f"error: --sample must be >= 0, got {args.sample}")
+
 LABELS = ("A", "tie", "B", "skip", "unparsed")  # the file judged better, neither, or no judgment
+RATINGS = ("Fail", "Pass", "Excellent", "skip", "unparsed")  # LIMA §4.3's three, or none
 TRIES = 3  # a judge's unparseable verdict is retried at most twice, never guessed
-STATS = ("a_better", "tie", "b_better", "a_as_good_or_better")
+SWAP = {"A": "B", "B": "A"}
+STATS = {"a_better": "A better", "tie": "tie", "b_better": "B better",  # JSON key: printed name
+         "a_as_good_or_better": "A as good or better"}
+RATING_STATS = {"fail": "Fail", "pass": "Pass", "excellent": "Excellent"}
+JUDGMENT = ('a judgment: JSON with "a", "b", "annotator", "prompt", "first" ("A"/"B") '
+            f'and "label" {LABELS}')
+RATING = f'a rating: JSON with "answers", "annotator", "prompt" and "rating" {RATINGS}'
+ANSWER = 'a JSON object with "prompt" and "response" strings'
+# the figures' colours, which the tests look for in the picture
+COLORS = {"A": "#55a868", "tie": "#b0b0b0", "B": "#c44e52",
+          "Fail": "#c44e52", "Pass": "#4c72b0", "Excellent": "#55a868"}
 
 
 def read_jsonl(path, valid, what):
@@ -69,127 +110,481 @@ def read_jsonl(path, valid, what):
     return rows
 
 
-def is_judgment(j):
-    return all(isinstance(j.get(k), str) for k in ("a", "b", "annotator", "prompt")) \
-        and j.get("first") in ("A", "B") and j.get("label") in LABELS
+def is_judgment(row):
+    return (all(isinstance(row.get(k), str) for k in ("a", "b", "annotator", "prompt"))
+            and row.get("first") in ("A", "B")
+            and row.get("label") in LABELS
+            and row.get("both_orders", False) in (True, False))
 
 
-JUDGMENT = f'a judgment: JSON with "a", "b", "annotator", "prompt", "first" ("A"/"B") and "label" {LABELS}'
+def is_rating(row):
+    return (all(isinstance(row.get(k), str) for k in ("answers", "annotator", "prompt"))
+            and row.get("rating") in RATINGS)
+
+
+def is_answer(row):
+    return all(isinstance(row.get(k), str) for k in ("prompt", "response"))
+
+
+def read_answers(path):
+    """prompt -> response of an answer file; a prompt answered twice keeps its first answer."""
+    responses = {}
+    for row in read_jsonl(path, is_answer, ANSWER):
+        responses.setdefault(row["prompt"], row["response"])
+    return responses
+
+
+# -----------------------------------------------------------------------------
+# The report
+
+
+def pair_shares(labels):
+    """Figure 1's three parts, and LIMA's headline: A better, tie, B better, A as good or better."""
+    n = len(labels)
+    count = Counter(labels)
+    parts = [count[label] / n for label in ("A", "tie", "B")]
+    return parts + [(count["A"] + count["tie"]) / n]  # as good or better: A or tie
+
+
+def rating_shares(labels):
+    """Figure 3's three bars: the shares of Fail, Pass and Excellent."""
+    count = Counter(labels)
+    return [count[label] / len(labels) for label in RATINGS[:3]]
+
+
+def intervals(labels, shares, rng):
+    """95% bootstrap intervals of shares(labels): resample the labels, keep 2.5% and 97.5%."""
+    resampled = [shares(rng.choices(labels, k=len(labels))) for _ in range(args.bootstrap)]
+    quantiles = [statistics.quantiles(values, n=40) for values in zip(*resampled)]
+    return [(q[0], q[-1]) for q in quantiles]
+
+
+def print_shares(names, point, ci):
+    for name, share, (lo, hi) in zip(names, point, ci):
+        print(f"  {name:<20} {share:6.1%}   95% interval {lo:6.1%} - {hi:6.1%}")
+
+
+def rounded(keys, point, ci):
+    """The summary's shares and their intervals, to 4 places."""
+    shares = {k: round(share, 4) for k, share in zip(keys, point)}
+    shares["ci95"] = {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in zip(keys, ci)}
+    return shares
+
+
+def text_bar(point):
+    """Figure 1's bar in 60 characters: # A better, = tie, - B better."""
+    a_end, tie_end, b_end = (round(60 * share) for share in accumulate(point[:3]))
+    return "#" * a_end + "=" * (tie_end - a_end) + "-" * (b_end - tie_end)
+
+
+def label_counts(rows, field):
+    """annotator -> Counter of the labels (or ratings) in field, skips and unparsed included."""
+    counts = {}
+    for row in rows:
+        counts.setdefault(row["annotator"], Counter())[row[field]] += 1
+    return counts
+
+
+def counts_text(counts, kinds):
+    """ana A 3, tie 2; bob B 1"""
+    parts = []
+    for who, count in counts.items():
+        listed = ", ".join(f"{kind} {count[kind]}" for kind in kinds if count[kind])
+        parts.append(f"{who} {listed}")
+    return "; ".join(parts)
+
+
+def tie_discounted(u, v):
+    """LIMA §4.1's agreement on one item: 1 for the same label, 0.5 when exactly one is tie."""
+    if u == v:
+        return 1
+    if "tie" in (u, v):
+        return 0.5
+    return 0
+
+
+def same(u, v):
+    return 1 if u == v else 0
+
+
+def agreements(final, annotators, score, how):
+    """Prints the agreement of every two annotators on the items both judged; returns it.
+    final: (annotator, prompt) -> label."""
+    rows = []
+    for x in annotators:
+        for y in annotators:
+            if y <= x:  # each two annotators once
+                continue
+            both = [(label, final[y, p]) for (who, p), label in final.items()
+                    if who == x and (y, p) in final]
+            if not both:
+                continue
+            share = sum(score(u, v) for u, v in both) / len(both)
+            print(f"  agreement {x} - {y}: {share:.1%} on {len(both)} shared items ({how})")
+            rows.append({"annotators": [x, y], "items": len(both), "agreement": round(share, 4)})
+    return rows
+
+
+def last_verdicts(pair):
+    """(annotator, prompt, order) -> the judgment that counts: the last one that is a verdict (A, B
+    or tie). The order is the file shown first for --both_orders' judgments, else ""."""
+    last = {}
+    for j in pair:
+        if j["label"] in ("A", "B", "tie"):
+            order = j["first"] if j.get("both_orders") else ""
+            last[j["annotator"], j["prompt"], order] = j
+    return last
+
+
+def combine_orders(last):
+    """(annotator, prompt) -> A, B or tie, and for each item judged in both orders whether the two
+    verdicts agreed. MT-Bench's rule: the verdict stands when they agree, else it is a tie."""
+    final = {}
+    agreed = []
+    for (who, prompt, order), j in last.items():
+        if not order:
+            final[who, prompt] = j["label"]
+            continue
+        swapped = last.get((who, prompt, SWAP[order]))
+        if swapped is None or (who, prompt) in final:  # one order only, or counted already
+            continue
+        agree = j["label"] == swapped["label"]
+        final[who, prompt] = j["label"] if agree else "tie"
+        agreed.append(agree)
+    return final, agreed
+
+
+def report_pair(a, b, pair, rng):
+    """Prints one pair of files' part of the report; returns its summary (None: no verdicts)."""
+    last = last_verdicts(pair)
+    final, agreed = combine_orders(last)
+    labels = list(final.values())
+    n = len(labels)
+    print(f"\n{a} (A) vs {b} (B): {n} judgments")
+    if not n:
+        return None
+    point = pair_shares(labels)
+    ci = intervals(labels, pair_shares, rng)
+    print(f"  {text_bar(point)}  "
+          f"A better {point[0]:.0%} | tie {point[1]:.0%} | B better {point[2]:.0%}")
+    print_shares(STATS.values(), point, ci)
+    counts = label_counts(pair, "label")
+    print(f"  annotators: {counts_text(counts, LABELS)}")
+    agreement = agreements(final, counts, tie_discounted, "tie-discounted")
+    decided = [j for j in last.values() if j["label"] != "tie"]
+    first_won = sum(j["label"] == j["first"] for j in decided)
+    bias = None
+    if decided:  # an annotator without position bias prefers the first-shown answer half the time
+        share = first_won / len(decided)
+        print(f"  position bias: the answer shown first won {first_won} of {len(decided)} "
+              f"({share:.1%})")
+        bias = round(share, 4)
+    summary = {"a": a, "b": b, "n": n,
+               **rounded(STATS, point, ci),
+               "annotators": counts,  # Counters: JSON objects
+               "agreement": agreement,
+               "first_won": first_won,
+               "decided": len(decided),
+               "position_bias": bias}
+    if agreed:  # MT-Bench reports how often a judge contradicts itself when the answers swap
+        share = sum(agreed) / len(agreed)
+        print(f"  both orders: the two verdicts agreed on {sum(agreed)} of {len(agreed)} items "
+              f"({share:.1%}); the others count as ties")
+        summary["both_orders"] = {"items": len(agreed), "agreed": sum(agreed),
+                                  "agreement": round(share, 4)}
+    one_order = 0  # both orders, but a verdict in only one of them so far
+    for who, prompt, order in last:
+        if order and (who, prompt, SWAP[order]) not in last:
+            one_order += 1
+    if one_order:
+        print(f"  both orders: {one_order} items judged in one order only, left out")
+    return summary
+
+
+def report_ratings(path, rated, rng):
+    """Prints one answer file's ratings; returns their summary (None: no ratings)."""
+    final = {}  # an annotator's last rating of an answer is the one that counts
+    for r in rated:
+        if r["rating"] in RATINGS[:3]:
+            final[r["annotator"], r["prompt"]] = r["rating"]
+    labels = list(final.values())
+    print(f"\n{path}: {len(labels)} ratings")
+    if not labels:
+        return None
+    point = rating_shares(labels)
+    ci = intervals(labels, rating_shares, rng)
+    print(f"  Fail {point[0]:.0%} | Pass {point[1]:.0%} | Excellent {point[2]:.0%}")
+    print_shares(RATING_STATS.values(), point, ci)
+    counts = label_counts(rated, "rating")
+    print(f"  annotators: {counts_text(counts, RATINGS)}")
+    by_annotator = {}
+    for who in counts:
+        own = [rating for (w, _), rating in final.items() if w == who]
+        if not own:
+            continue
+        shares = rating_shares(own)
+        by_annotator[who] = {"n": len(own)}
+        for key, share in zip(RATING_STATS, shares):
+            by_annotator[who][key] = round(share, 4)
+        print(f"  {who}: Fail {shares[0]:.0%} | Pass {shares[1]:.0%} | "
+              f"Excellent {shares[2]:.0%} of {len(own)}")
+    agreement = agreements(final, counts, same, "the same rating")
+    return {"answers": path, "n": len(labels),
+            **rounded(RATING_STATS, point, ci),
+            "annotators": counts,
+            "by_annotator": by_annotator,
+            "agreement": agreement}
+
+
+def holds_ratings(path):
+    """Whether a file holds ratings, not judgments: its first line says (read_jsonl, not this,
+    names what is wrong in a file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and "rating" in first
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files; without matplotlib, a line saying what to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("error: --plot needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")  # to a file: no window, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_pairs(plt, summaries):
+    """Figure 1: one stacked horizontal bar per pair of files, A better / tie / B better."""
+    from matplotlib.ticker import PercentFormatter
+
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.6 * len(summaries)), dpi=100)
+    rows = range(len(summaries))
+    left = [0.0] * len(summaries)
+    for key, label in (("a_better", "A"), ("tie", "tie"), ("b_better", "B")):
+        widths = [s[key] for s in summaries]
+        name = STATS[key]
+        bars = ax.barh(rows, widths, 0.6, left=left, color=COLORS[label], label=name)
+        counts = [round(s[key] * s["n"]) for s in summaries]  # shares are count / n to 4 places
+        texts = [f"{c} ({w:.0%})" if w >= 0.08 else "" for c, w in zip(counts, widths)]
+        ax.bar_label(bars, texts, label_type="center")
+        left = [x + w for x, w in zip(left, widths)]
+    ax.set_yticks(rows, [f"A: {s['a']}\nB: {s['b']}" for s in summaries])
+    ax.invert_yaxis()  # the first pair on top
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ratings(plt, summaries):
+    """Figure 3: the shares of Fail, Pass and Excellent; three bars for each answer file."""
+    from matplotlib.ticker import PercentFormatter
+
+    fig, ax = plt.subplots(figsize=(3 + 2 * len(summaries), 4), dpi=100)
+    width = 0.8 / len(summaries)
+    colors = [COLORS[name] for name in RATING_STATS.values()]
+    for i, s in enumerate(summaries):
+        offset = (i - (len(summaries) - 1) / 2) * width  # the files side by side in each group
+        heights = [s[key] for key in RATING_STATS]
+        bars = ax.bar([k + offset for k in range(3)], heights, width * 0.9, color=colors)
+        counts = [round(h * s["n"]) for h in heights]  # shares are count / n to 4 places
+        ax.bar_label(bars, [f"{h:.0%} ({c})" for h, c in zip(heights, counts)])
+        if len(summaries) > 1:
+            ax.bar_label(bars, [s["answers"]] * 3, label_type="center", rotation=90)
+    ax.set_xticks(range(3), RATING_STATS.values())
+    ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    names = ", ".join(f"{s['answers']}: {s['n']}" for s in summaries)
+    ax.set_title(f"ratings ({names})")
+    fig.tight_layout()
+    return fig
+
 
 if args.report:
-    rows = read_jsonl(args.report, is_judgment, JUDGMENT)
-    rows = [j for j in rows if args.annotator in (None, j["annotator"])]
+    plt = None
+    if args.plot:  # said now, not after the report
+        if not Path(args.plot).parent.is_dir():
+            sys.exit(f"error: --plot {args.plot}: no directory {Path(args.plot).parent}")
+        plt = pyplot()
+    rated = holds_ratings(args.report)
+    if rated:
+        rows = read_jsonl(args.report, is_rating, RATING)
+    else:
+        rows = read_jsonl(args.report, is_judgment, JUDGMENT)
+    rows = [row for row in rows if args.annotator in (None, row["annotator"])]
     if not rows:
-        sys.exit(f"error: {args.report}: no judgments" + (f" by {args.annotator}" if args.annotator else ""))
-    rng, summaries = random.Random(args.seed or 0), []
-    for a, b in dict.fromkeys((j["a"], j["b"]) for j in rows):  # each pair of files, in order of appearance
-        pair = [j for j in rows if (j["a"], j["b"]) == (a, b)]
-        final = {(j["annotator"], j["prompt"]): j for j in pair if j["label"] in ("A", "B", "tie")}
-        labels = [j["label"] for j in final.values()]
-        n = len(labels)
-        print(f"\n{a} (A) vs {b} (B): {n} judgments")
-        if not n:
-            continue
-
-        def shares(labels):  # Figure 1's three parts, and LIMA's headline: "as good or better"
-            c = Counter(labels)
-            return [c["A"] / n, c["tie"] / n, c["B"] / n, (c["A"] + c["tie"]) / n]
-
-        point = shares(labels)
-        resampled = list(zip(*(shares(rng.choices(labels, k=n)) for _ in range(args.bootstrap))))
-        ci = [(q[0], q[-1]) for q in (statistics.quantiles(r, n=40) for r in resampled)]  # 2.5% and 97.5%
-        cuts = [round(60 * s) for s in accumulate(point[:3])]
-        print("  " + "".join(c * (hi - lo) for c, lo, hi in zip("#=-", [0] + cuts, cuts)) +
-              f"  A better {point[0]:.0%} | tie {point[1]:.0%} | B better {point[2]:.0%}")
-        for name, p, (lo, hi) in zip(("A better", "tie", "B better", "A as good or better"), point, ci):
-            print(f"  {name:<20} {p:6.1%}   95% interval {lo:6.1%} - {hi:6.1%}")
-        counts = {}
-        for j in pair:
-            counts.setdefault(j["annotator"], Counter())[j["label"]] += 1
-        print("  annotators: " + "; ".join(f"{who} " + ", ".join(f"{k} {c[k]}" for k in LABELS if c[k])
-                                           for who, c in counts.items()))
-        agreement = []  # LIMA §4.1: 1 for the same label, 0.5 when exactly one says tie, 0 otherwise
-        for x in counts:
-            for y in [y for y in counts if y > x]:
-                both = [(j["label"], final[y, p]["label"]) for (w, p), j in final.items()
-                        if w == x and (y, p) in final]
-                if both:
-                    score = sum(1 if u == v else 0.5 if "tie" in (u, v) else 0 for u, v in both) / len(both)
-                    agreement.append({"annotators": [x, y], "items": len(both), "agreement": round(score, 4)})
-                    print(f"  agreement {x} - {y}: {score:.1%} on {len(both)} shared items (tie-discounted)")
-        decided = [j for j in final.values() if j["label"] != "tie"]
-        first_won = sum(j["label"] == j["first"] for j in decided)
-        bias = first_won / len(decided) if decided else None
-        if decided:  # an annotator without position bias prefers the first-shown answer half the time
-            print(f"  position bias: the answer shown first won {first_won} of {len(decided)} ({bias:.1%})")
-        summaries.append({"a": a, "b": b, "n": n, **{k: round(p, 4) for k, p in zip(STATS, point)},
-                          "ci95": {k: [round(lo, 4), round(hi, 4)] for k, (lo, hi) in zip(STATS, ci)},
-                          "annotators": {w: dict(c) for w, c in counts.items()}, "agreement": agreement,
-                          "first_won": first_won, "decided": len(decided),
-                          "position_bias": None if bias is None else round(bias, 4)})
-    print("\n".join(json.dumps(s, ensure_ascii=False) for s in summaries))  # for scripts: one line per pair
+        by = f" by {args.annotator}" if args.annotator else ""
+        sys.exit(f"error: {args.report}: no {'ratings' if rated else 'judgments'}{by}")
+    rng = random.Random(args.seed or 0)
+    groups = {}  # each answer file's ratings, or each pair of files' judgments, in order
+    for row in rows:
+        key = row["answers"] if rated else (row["a"], row["b"])
+        groups.setdefault(key, []).append(row)
+    summaries = []
+    for key, group in groups.items():
+        if rated:
+            summary = report_ratings(key, group, rng)
+        else:
+            summary = report_pair(*key, group, rng)
+        if summary:
+            summaries.append(summary)
+    lines = [json.dumps(summary, ensure_ascii=False) for summary in summaries]
+    print("\n".join(lines))  # for scripts: one line per pair or answer file
+    if plt and not summaries:
+        sys.exit(f"error: --plot {args.plot}: nothing to draw, no verdicts")
+    if plt:
+        fig = plot_ratings(plt, summaries) if rated else plot_pairs(plt, summaries)
+        try:
+            fig.savefig(args.plot)
+        except (OSError, ValueError) as e:  # ValueError: a format matplotlib does not write
+            sys.exit(f"error: --plot {args.plot}: cannot write it ({e})")
+        drawn = f"Figure 1, {len(summaries)} pairs of files"
+        if rated:
+            drawn = f"Figure 3, {len(summaries)} answer files"
+        print(f"wrote {args.plot}: {drawn}", file=sys.stderr)
     sys.exit(0)
 
-# Annotate: the two files' answers to the same prompts
-A, B = args.answers
-answers = []
-for path in (A, B):
-    rows = read_jsonl(path, lambda r: isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str),
-                      'a JSON object with "prompt" and "response" strings')
-    answers.append({})
-    for r in rows:
-        answers[-1].setdefault(r["prompt"], r["response"])  # a prompt answered twice: its first answer
-shared = [p for p in answers[0] if p in answers[1]]
-if not shared:
-    sys.exit(f"error: {A} and {B} answer no prompt in common")
-for path, mine in zip((A, B), answers):
-    if len(mine) > len(shared):
-        print(f"{path}: {len(mine) - len(shared)} prompts not in the other file, skipped", file=sys.stderr)
+# -----------------------------------------------------------------------------
+# Judge a pair's answers or rate one file's: the items, and what was done before
+
+if judging:
+    A, B = args.answers
+    answers = {"A": read_answers(A), "B": read_answers(B)}
+    shared = [p for p in answers["A"] if p in answers["B"]]
+    if not shared:
+        sys.exit(f"error: {A} and {B} answer no prompt in common")
+    for path, responses in zip(args.answers, answers.values()):
+        if len(responses) > len(shared):
+            print(f"{path}: {len(responses) - len(shared)} prompts not in the other file, skipped",
+                  file=sys.stderr)
+else:
+    answers = read_answers(args.rate)
+    prompts = list(answers)
+    if args.sample > len(prompts):
+        sys.exit(f"error: --sample {args.sample}: {args.rate} answers {len(prompts)} prompts")
+    drawn = range(len(prompts))
+    if args.sample:  # LIMA §4.3 rated 50 answers drawn at random; kept in the file's order
+        sampler = random.Random(args.seed or 0)  # the same draw on every rerun
+        drawn = sorted(sampler.sample(drawn, args.sample))
+    shared = [prompts[i] for i in drawn]
 out = Path(args.out)
 if not out.parent.is_dir():
     sys.exit(f"error: --out {out}: no directory {out.parent}")
 annotator = args.annotator or args.judge_model or getpass.getuser()
-past = [j for j in (read_jsonl(out, is_judgment, JUDGMENT) if out.exists() else [])
-        if (j["a"], j["b"], j["annotator"]) == (A, B, annotator)]
-unparsed = Counter(j["prompt"] for j in past if j["label"] == "unparsed")
-judged = {j["prompt"]: j["label"] for j in past if j["label"] != "unparsed"}
-todo = [p for p in shared if p not in judged and unparsed[p] < TRIES]  # resume: only what is still to judge
-print(f"{annotator}: {len(shared)} prompts, {len(shared) - len(todo)} judged before, {len(todo)} to go")
-
-if args.judge:
-    url = args.judge.rstrip("/")
-    url += "" if url.endswith("/chat/completions") else "/chat/completions" if url.endswith("/v1") else \
-        "/v1/chat/completions"
-    key = os.environ.get("OPENAI_API_KEY")
-    # LIMA §4.1 and its appendix: the judge gets the people's instructions: imagine needing help with the
-    # prompt, say which answer serves better, or that neither is significantly better
-    INSTRUCTION = ("Imagine that you need help with the question below and that you asked two AI assistants. "
-                   "Which answer better satisfies your needs? Judge the whole answer (does it do what was "
-                   "asked, is it correct, helpful and well written); the order in which they appear means "
-                   "nothing.\n\n[Question]\n{}\n\n[Answer 1]\n{}\n\n[Answer 2]\n{}\n\n[End]\nCompare the two "
-                   "answers, then end with one line that is exactly one of:\nVerdict: 1\nVerdict: 2\n"
-                   "Verdict: neither\n(1 or 2: that answer is significantly better; neither: neither is "
-                   "significantly better than the other)")
+field = "rating" if rating else "label"
+if rating:
+    past = read_jsonl(out, is_rating, RATING) if out.exists() else []
+    past = [r for r in past if (r["answers"], r["annotator"]) == (args.rate, annotator)]
+else:
+    past = read_jsonl(out, is_judgment, JUDGMENT) if out.exists() else []
+    past = [j for j in past if (j["a"], j["b"], j["annotator"]) == (A, B, annotator)]
+    if any(j.get("both_orders", False) != args.both_orders for j in past):
+        protocol = "in one order" if args.both_orders else "in both orders"
+        sys.exit(f"error: --out {out}: {annotator} judged {A} vs {B} {protocol} before: keep to "
+                 "that, or give another --annotator")
 
 
-def ask_judge(prompt, shown):
-    """The judge's reply to one item; a network or server failure ends the run (a rerun continues)."""
-    body = {"model": args.judge_model, "messages": [{"role": "user",
-                                                     "content": INSTRUCTION.format(prompt, *shown)}]}
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+def slot_of(row):
+    """The item a judgment or rating is of: its prompt; with --both_orders, prompt and order."""
+    if args.both_orders:
+        return row["prompt"], row["first"]
+    return row["prompt"]
+
+
+rng = random.Random(args.seed)
+slots = shared
+if args.both_orders:  # each item twice, the answers swapped; the second time after all the others
+    firsts = [rng.choice("AB") for _ in shared]
+    swapped = [(prompt, SWAP[first]) for prompt, first in zip(shared, firsts)]
+    slots = list(zip(shared, firsts)) + swapped
+unparsed = Counter(slot_of(row) for row in past if row[field] == "unparsed")
+judged = {slot_of(row): row[field] for row in past if row[field] != "unparsed"}
+todo = [s for s in slots if s not in judged and unparsed[s] < TRIES]  # resume: only what is left
+done = "rated" if rating else "judged"
+orders = " in both orders" if args.both_orders else ""
+print(f"{annotator}: {len(shared)} prompts{orders}, {len(slots) - len(todo)} {done} before, "
+      f"{len(todo)} to go")
+
+# -----------------------------------------------------------------------------
+# Ask: the judge model, or the person at the terminal
+
+# LIMA §4.1 and its appendix: the judge gets the people's instructions: imagine needing help with
+# the prompt, say which answer serves better, or that neither is significantly better
+INSTRUCTION = ("Imagine that you need help with the question below and that you asked two AI "
+               "assistants. Which answer better satisfies your needs? Judge the whole answer "
+               "(does it do what was asked, is it correct, helpful and well written); the order "
+               "in which they appear means nothing.\n\n"
+               "[Question]\n{}\n\n"
+               "[Answer 1]\n{}\n\n"
+               "[Answer 2]\n{}\n\n"
+               "[End]\n"
+               "Compare the two answers, then end with one line that is exactly one of:\n"
+               "Verdict: 1\n"
+               "Verdict: 2\n"
+               "Verdict: neither\n"
+               "(1 or 2: that answer is significantly better; neither: neither is significantly "
+               "better than the other)")
+# LIMA §4.3's absolute analysis: its three labels, Excellent being as good as an expert's answer
+RATE_INSTRUCTION = ("Below is a question and an AI assistant's answer to it. Rate the answer with "
+                    "one of three labels:\n"
+                    "Fail: the answer does not meet the requirements of the question.\n"
+                    "Pass: the answer meets the requirements of the question.\n"
+                    "Excellent: the answer meets the requirements and is as good as or better "
+                    "than what an expert would write.\n\n"
+                    "[Question]\n{}\n\n"
+                    "[Answer]\n{}\n\n"
+                    "[End]\n"
+                    "Explain your rating briefly, then end with one line that is exactly one of:\n"
+                    "Rating: Fail\n"
+                    "Rating: Pass\n"
+                    "Rating: Excellent")
+VERDICT = r"verdict:\s*(1|2|neither)\.?"  # the judge's last line, matched whole: never a guess
+RATE_VERDICT = r"rating:\s*(fail|pass|excellent)\.?"
+KEYS = "better: 1 or 2; t: neither is significantly better; s: skip; q: quit > "
+RATE_KEYS = "f: Fail; p: Pass; e: Excellent; s: skip; q: quit > "
+RATE_GUIDE = ("Rate each answer (LIMA §4.3). Fail: it does not meet the requirements of the "
+              "prompt. Pass: it meets them. Excellent: it meets them and is as good as or better "
+              "than what an expert would write.")
+RATE_LABELS = {"f": "Fail", "p": "Pass", "e": "Excellent", "s": "skip", None: "unparsed",
+               "fail": "Fail", "pass": "Pass", "excellent": "Excellent"}  # keys, then verdicts
+
+
+def ask_judge(content):
+    """The judge's reply to one item; a network or server failure ends the run (a rerun resumes)."""
+    message = {"role": "user", "content": content}
+    body = {"model": args.judge_model, "messages": [message]}
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode(), headers),
-                                    timeout=args.timeout) as r:
-            return json.loads(r.read())["choices"][0]["message"]["content"] or ""
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            return json.loads(response.read())["choices"][0]["message"]["content"] or ""
     except urllib.error.HTTPError as e:
         why = f"HTTP {e.code} {e.reason}"
-    except (urllib.error.URLError, OSError) as e:
+    except OSError as e:  # urllib.error.URLError is one
         reason = getattr(e, "reason", e)
-        timed_out = isinstance(reason, TimeoutError)
-        why = f"no reply within --timeout {args.timeout:g} s" if timed_out else str(reason)
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        why = str(reason)
+        if isinstance(reason, TimeoutError):
+            why = f"no reply within --timeout {args.timeout:g} s"
+    except (ValueError, LookupError, TypeError, AttributeError):
         why = "the reply is not an OpenAI chat completion"
-    sys.exit(f"error: judge {url}: {why}; {len(judged)} of {len(shared)} judged, rerun to continue")
+    sys.exit(f"error: judge {url}: {why}; {len(judged)} of {len(slots)} {done}, rerun to continue")
+
+
+def parse_verdict(reply, pattern):
+    """The verdict on the reply's last line, lowercased ("1", "neither", "pass"); None for all
+    else."""
+    lines = reply.strip().splitlines() or [""]
+    last = lines[-1].strip(" *`")  # markdown around it is allowed
+    verdict = re.fullmatch(pattern, last, re.I)
+    return verdict.group(1).lower() if verdict else None
 
 
 try:
@@ -200,57 +595,126 @@ except ImportError:  # Windows: Enter after each key
 
 
 def read_key():
-    """One key press at a terminal; one line from a pipe or file (scripts, tests). 'q' at the end of input."""
+    """One key press at a terminal, one line from a pipe or file (scripts, tests); 'q' at the end"""
     if termios and sys.stdin.isatty():
         fd = sys.stdin.fileno()
         old = termios.tcgetattr(fd)
         try:
-            tty.setcbreak(fd, termios.TCSANOW)  # keys without Enter, typed-ahead keys kept; Ctrl-C works
+            tty.setcbreak(fd, termios.TCSANOW)  # no Enter, typed-ahead keys kept; Ctrl-C works
             key = sys.stdin.read(1)
         finally:
             termios.tcsetattr(fd, termios.TCSADRAIN, old)
         print(key)
-        return "q" if key in ("", "\x04") else key.lower()
+        return "q" if key in ("", "\x04") else key.lower()  # "": the end of input; \x04: Ctrl-D
     line = sys.stdin.readline()
     return line.strip().lower() if line else "q"
 
 
-rng = random.Random(args.seed)
+def ask_person(screen, menu, keys):
+    """The key a person pressed for one item; q and the end of input stop the run."""
+    print(screen)
+    key = None
+    while key not in (*keys, "q"):
+        print(menu, end="", flush=True)
+        key = read_key()
+    if key == "q":
+        raise KeyboardInterrupt  # stops as Ctrl-C does
+    return key
+
+
+def pair_item(slot, progress):
+    """One pair's item: its record, the judge's message, the person's screen, and how a key or
+    verdict maps back to the files."""
+    if args.both_orders:
+        prompt, first = slot
+    else:  # LIMA §4.1: the two answers in random order, drawn anew for every item
+        prompt, first = slot, rng.choice("AB")
+    second = SWAP[first]
+    shown = [answers[first][prompt], answers[second][prompt]]
+    record = {"a": A, "b": B, "annotator": annotator, "prompt": prompt, "first": first}
+    if args.both_orders:
+        record["both_orders"] = True
+    screen = (f"\n{'=' * 30} {progress} {'=' * 30}\n{prompt}\n"
+              f"{'-' * 14} 1 {'-' * 14}\n{shown[0]}\n"
+              f"{'-' * 14} 2 {'-' * 14}\n{shown[1]}\n")
+    labels = {"1": first, "2": second, "t": "tie", "neither": "tie", "s": "skip",
+              None: "unparsed"}
+    return record, INSTRUCTION.format(prompt, *shown), screen, labels
+
+
+def rating_item(prompt, progress):
+    """One answer's item to rate, blind to the model's name (pair_item's four parts)."""
+    answer = answers[prompt]
+    record = {"answers": args.rate, "annotator": annotator, "prompt": prompt}
+    screen = (f"\n{'=' * 30} {progress} {'=' * 30}\n{prompt}\n"
+              f"{'-' * 14} answer {'-' * 14}\n{answer}\n")
+    return record, RATE_INSTRUCTION.format(prompt, answer), screen, RATE_LABELS
+
+
+def annotate(f, item, progress, tries):
+    """Asks the judge (up to tries times, until its verdict parses) or the person about one item;
+    every answer is written to f at once. The label; None when no verdict of the judge parsed."""
+    record, content, screen, labels = item
+    for _ in range(tries):
+        if args.judge:
+            reply = ask_judge(content)
+            key = parse_verdict(reply, RATE_VERDICT if rating else VERDICT)
+            extra = {"judge": args.judge_model, "reply": reply}
+        elif rating:
+            key = ask_person(screen, RATE_KEYS, ("f", "p", "e", "s"))
+            extra = {}
+        else:
+            key = ask_person(screen, KEYS, ("1", "2", "t", "s"))
+            extra = {}
+        label = labels[key]
+        row = {**record, field: label, **extra}
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()  # at once: an interrupted run loses nothing
+        if args.judge:
+            print(f"{progress} {'unparseable verdict' if key is None else done}")
+        if key is not None:  # a person's key is never None
+            return label
+    return None
+
+
+if args.judge:
+    url = args.judge.rstrip("/")
+    if not url.endswith("/chat/completions"):  # http://host:port or .../v1
+        url += "/chat/completions" if url.endswith("/v1") else "/v1/chat/completions"
+    api_key = os.environ.get("OPENAI_API_KEY")
+if rating and not args.judge and todo:
+    print(RATE_GUIDE)
 try:
     with open(out, "a", encoding="utf-8") as f:
-        for i, prompt in enumerate(todo):
-            first = rng.choice("AB")  # LIMA §4.1: the two answers in random order, drawn anew for every item
-            shown = [answers[0][prompt], answers[1][prompt]][:: 1 if first == "A" else -1]
-            progress = f"[{len(shared) - len(todo) + i + 1}/{len(shared)}]"
-            for _ in range(TRIES - unparsed[prompt] if args.judge else 1):
-                if args.judge:
-                    reply = ask_judge(prompt, shown)
-                    lines = [line.strip(" *`") for line in reply.strip().splitlines()] or [""]
-                    m = re.fullmatch(r"verdict:\s*(1|2|neither)\.?", lines[-1], re.I)  # strict: never a guess
-                    key = {"1": "1", "2": "2", "neither": "t"}[m.group(1).lower()] if m else None
-                    extra = {"judge": args.judge_model, "reply": reply}
-                else:
-                    print(f"\n{'=' * 30} {progress} {'=' * 30}\n{prompt}\n"
-                          f"{'-' * 14} 1 {'-' * 14}\n{shown[0]}\n{'-' * 14} 2 {'-' * 14}\n{shown[1]}\n")
-                    key, extra = None, {}
-                    while key not in ("1", "2", "t", "s", "q"):
-                        print("better: 1 or 2; t: neither is significantly better; s: skip; q: quit > ",
-                              end="", flush=True)
-                        key = read_key()
-                    if key == "q":
-                        raise KeyboardInterrupt
-                other = "B" if first == "A" else "A"
-                label = {"1": first, "2": other, "t": "tie", "s": "skip", None: "unparsed"}[key]
-                f.write(json.dumps({"a": A, "b": B, "annotator": annotator, "prompt": prompt, "first": first,
-                                    "label": label, **extra}, ensure_ascii=False) + "\n")
-                f.flush()  # at once: an interrupted run loses no judgment
-                if args.judge:
-                    print(f"{progress} {'unparseable verdict' if key is None else 'judged'}")
-                if key is not None:
-                    judged[prompt] = label
-                    break
+        for i, slot in enumerate(todo):
+            progress = f"[{len(slots) - len(todo) + i + 1}/{len(slots)}]"
+            if rating:
+                item = rating_item(slot, progress)
+            else:
+                item = pair_item(slot, progress)
+            label = annotate(f, item, progress, TRIES - unparsed[slot])
+            if label is not None:
+                judged[slot] = label
 except KeyboardInterrupt:  # q, Ctrl-C or the end of input: everything judged is already in --out
     print("\nstopped; rerun the same command to continue", file=sys.stderr)
-c = Counter(judged.values())  # only now the annotator learns which file was which
-print(f"\n{annotator}, {len(judged)} of {len(shared)} judged: {A} better {c['A']}, tie {c['tie']}, "
-      f"{B} better {c['B']}, skipped {c['skip']}. Summary: python compare.py --report {out}")
+
+# only now the annotator learns which file was which
+summary = f"Summary: python compare.py --report {out}"
+if rating:
+    count = Counter(judged.values())
+    print(f"\n{annotator}, {len(judged)} of {len(slots)} rated: Fail {count['Fail']}, "
+          f"Pass {count['Pass']}, Excellent {count['Excellent']}, skipped {count['skip']}. "
+          f"{summary}")
+elif args.both_orders:
+    verdicts = []  # the items judged in both orders, combined by MT-Bench's rule
+    for prompt in shared:
+        both = [judged.get((prompt, "A")), judged.get((prompt, "B"))]
+        if set(both) <= {"A", "B", "tie"}:
+            verdicts.append(both[0] if both[0] == both[1] else "tie")
+    count = Counter(verdicts)
+    print(f"\n{annotator}, {len(verdicts)} of {len(shared)} judged in both orders: {A} better "
+          f"{count['A']}, tie {count['tie']}, {B} better {count['B']}. {summary}")
+else:
+    count = Counter(judged.values())
+    print(f"\n{annotator}, {len(judged)} of {len(shared)} judged: {A} better {count['A']}, "
+          f"tie {count['tie']}, {B} better {count['B']}, skipped {count['skip']}. {summary}")
