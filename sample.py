@@ -3,7 +3,9 @@ answer a file of --prompts in batches, resumably. LIMA's decoding (LIMA §2): nu
 p = 0.9, temperature 0.7, a repetition penalty of 1.2 on previously generated tokens, at most 2,048
 tokens, ending at EOT."""
 import argparse
+import fcntl
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -62,7 +64,7 @@ if args.ckpt is None:  # the most recently written epoch (a resumed run may rewr
     epochs = [p for p in Path("out").glob("epoch_*") if p.name[6:].isdigit()]
     if not epochs:
         sys.exit("error: no checkpoint in out/: make one with `python prepare.py && python "
-                 "train.py --size tiny`, or pass --ckpt DIR")
+                 "train.py`, or pass --ckpt DIR")
     args.ckpt = max(epochs, key=lambda p: p.stat().st_mtime)
     print(f"loading {args.ckpt}, the most recently written out/epoch_*", file=sys.stderr)
 if not args.ckpt.is_dir():
@@ -78,24 +80,41 @@ if not tokenizer_file.is_file():
 # -----------------------------------------------------------------------------
 # --prompts: what is left to answer
 
+def first_turn(line: str):
+    """The prompt of a GAIR/lima line: the first turn of its "conversations" list, else None."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
+        return None
+    turns = row["conversations"]
+    if not turns or not isinstance(turns[0], str):
+        return None
+    return turns[0]
+
+
 def read_prompts(src: Path) -> list:
-    """(where, prompt) for each non-empty line: the line's text, or in a .jsonl the first turn of
-    its "conversations" (GAIR/lima's layout)."""
+    """(where, prompt) for each non-empty line: the line's text, or in GAIR/lima's jsonl the first
+    turn of its "conversations". A file is that jsonl when it is named .jsonl or its first line
+    is a JSON object, whatever its name; then every line must be one."""
     if not src.is_file():
         sys.exit(f"error: --prompts {src}: no such file")
     try:
         text = src.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         sys.exit(f"error: {src}: not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:
+        sys.exit(f"error: --prompts {src}: cannot read it ({e.strerror})")
+    lines = text.split("\n")  # not splitlines: U+2028 is no line break here
+    first = next((line.strip() for line in lines if line.strip()), "")
+    is_jsonl = src.suffix == ".jsonl" or (first.startswith("{") and first_turn(first) is not None)
     prompts = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is no line break here
+    for n, line in enumerate(lines, 1):
         prompt = line.strip()
-        if prompt and src.suffix == ".jsonl":
-            try:
-                prompt = json.loads(line)["conversations"][0]
-            except (ValueError, LookupError, TypeError, RecursionError):
-                prompt = None
-            if not isinstance(prompt, str):
+        if prompt and is_jsonl:
+            prompt = first_turn(line)
+            if prompt is None:
                 sys.exit(f'error: {src}:{n}: expected a JSON object whose "conversations" list '
                          "starts with the prompt")
             if not is_text(prompt):
@@ -105,13 +124,30 @@ def read_prompts(src: Path) -> list:
     return prompts
 
 
+def claim_output(output: Path):
+    """--output opened for appending and locked while this run lives: one writer a file. A tail
+    without its newline (a write cut short) is dropped: every line ends where a batch's write did."""
+    try:  # a directory or a file we may not write: refused now, not after the model loads
+        f = open(output, "ab", buffering=0)  # unbuffered: a failed write is undone below, whole
+    except OSError as e:
+        sys.exit(f"error: --output {output}: cannot write to it ({e.strerror})")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: --output {output}: another sample.py is writing there; wait for it or "
+                 "give another --output")
+    text = output.read_bytes()
+    if text and not text.endswith(b"\n"):
+        whole = text.rfind(b"\n") + 1
+        print(f"{output}: dropping a cut-short last line ({len(text) - whole} bytes)",
+              file=sys.stderr)
+        f.truncate(whole)
+    return f
+
+
 def unanswered(prompts: list, output: Path) -> list:
     """The prompts --output does not answer yet: each answer there accounts for one occurrence of
     its prompt, so a prompt asked twice is answered twice."""
-    try:  # a directory or a file we may not write: refused now, not after the model loads
-        open(output, "a").close()
-    except OSError as e:
-        sys.exit(f"error: --output {output}: cannot write to it ({e.strerror})")
     answered = Counter()
     # bytes: an answer's U+2028 is no line break
     for n, line in enumerate(output.read_bytes().splitlines(), 1):
@@ -131,6 +167,7 @@ def unanswered(prompts: list, output: Path) -> list:
 todo = [("", args.prompt)]  # (where it comes from, prompt)
 if args.prompts:
     prompts = read_prompts(args.prompts)
+    output_file = claim_output(args.output)
     todo = unanswered(prompts, args.output)
     print(f"{args.output}: {len(prompts) - len(todo)} prompts already answered, {len(todo)} to go",
           file=sys.stderr)
@@ -240,28 +277,49 @@ def stream_answer(ids: list, cache: dict, start_pos: int) -> list:
     return answer
 
 
-def answer_file(output: Path):
-    """Answer the prompts left in batches, appending whole lines batch by batch: an interrupted
-    run keeps every finished answer."""
-    with open(output, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="prompt") as bar:
+def decode_batch(prompts: list, bar) -> list:
+    """Rows of tokens (-1 once an answer has ended) for a batch of prompts; the bar moves as
+    answers end, read every 16 steps (a host read, which stalls a GPU's queue)."""
+    columns, n_ended = [], 0
+    for k, tokens in enumerate(generate(model, prompts, tokenizer.eot_id, **sampling)):
+        columns.append(tokens)
+        if k % 16 == 15:
+            so_far = torch.stack(columns, 1)
+            ended = ((so_far == -1) | (so_far == tokenizer.eot_id)).any(1).sum().item()
+            bar.update(ended - n_ended)
+            n_ended = ended
+    bar.update(len(prompts) - n_ended)
+    return torch.stack(columns, 1).tolist()
+
+
+def answer_file(f):
+    """Answer the prompts left in batches, appending a batch's lines in one write: an interrupted
+    run keeps every finished answer, and a failed write (a full disk) is undone."""
+    with tqdm(total=len(todo), unit="prompt") as bar:
         for b in range(0, len(todo), args.batch_size):
             batch = todo[b : b + args.batch_size]
-            steps = generate(model, encoded[b : b + args.batch_size], tokenizer.eot_id, **sampling)
-            rows = torch.stack(list(steps), 1).tolist()  # -1 once an answer has ended
+            rows = decode_batch(encoded[b : b + args.batch_size], bar)
             lines = []
             for (_, prompt), row in zip(batch, rows):
                 answer = [t for t in row if t not in (-1, tokenizer.eot_id)]
                 line = {"prompt": prompt, "response": tokenizer.decode(answer),
                         "tokens": len(answer), "stopped_at_eot": tokenizer.eot_id in row}
                 lines.append(json.dumps(line, ensure_ascii=False) + "\n")
-            f.write("".join(lines))
-            f.flush()
-            bar.update(len(rows))
+            size = f.seek(0, os.SEEK_END)
+            data = "".join(lines).encode()
+            try:
+                written = 0
+                while written < len(data):  # an unbuffered write may take part of it
+                    written += f.write(data[written:])
+            except OSError as e:
+                f.truncate(size)  # what was written stays whole: the rerun continues from it
+                sys.exit(f"error: --output {args.output}: cannot write to it ({e.strerror}); "
+                         "rerun to continue")
 
 
 try:
     if args.prompts:
-        answer_file(args.output)
+        answer_file(output_file)
     elif args.chat:
         chat(read_messages())
     else:  # one prompt is a chat of one message

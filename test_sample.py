@@ -1,4 +1,5 @@
 """LIMA's sampler (model.py) and sample.py's command line: single prompt, chat, and a file of prompts."""
+import fcntl
 import json
 import os
 import shutil
@@ -438,7 +439,7 @@ BAD = [  # (arguments, the one line expected on stderr)
     (["hi", "--repetition_penalty", "0.9"], "error: --repetition_penalty must be >= 1 (1 is no penalty), got 0.9"),
     (["hi", "--max_new_tokens", "0"], "error: --max_new_tokens must be >= 1, got 0"),
     (["hi", "--ckpt", "no/such/dir"], "error: --ckpt no/such/dir: no such directory"),
-    (["hi"], "error: no checkpoint in out/: make one with `python prepare.py && python train.py --size tiny`, "
+    (["hi"], "error: no checkpoint in out/: make one with `python prepare.py && python train.py`, "
              "or pass --ckpt DIR"),
     (["--prompts", "missing.txt", "--output", "o.jsonl", "--ckpt", "{ckpt}"], "error: --prompts missing.txt: no such file"),
     (["--prompts", "bad.jsonl", "--output", "o.jsonl", "--ckpt", "{ckpt}"],
@@ -495,3 +496,68 @@ def test_demo_model_answers_end_at_eot(demo_run):
     assert [row["prompt"] for row in rows] == [p["conversations"][0] for p in prompts]
     assert sum(row["stopped_at_eot"] for row in rows) >= 7, [row["tokens"] for row in rows]
     assert all(row["tokens"] < 1000 if row["stopped_at_eot"] else row["tokens"] == 1000 for row in rows)
+
+
+def test_prompts_file_is_told_by_content_and_conversations_must_be_a_list(ckpt, tmp_path):
+    """GAIR/lima's jsonl named .txt is read as jsonl (the first turn answered, not the raw JSON line); a
+    "conversations" that is a string is refused, not answered as its first character."""
+    rows = [{"conversations": ["Plan a trip."], "source": ""}, {"conversations": ["Tea?"]}]
+    (tmp_path / "lima.txt").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = sample("--prompts", tmp_path / "lima.txt", "--output", tmp_path / "a.jsonl", "--ckpt", ckpt,
+               "--temperature", 0, "--max_new_tokens", 4)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == [
+        "Plan a trip.", "Tea?"]
+    (tmp_path / "string.jsonl").write_text('{"conversations": "abc"}\n')
+    r = sample("--prompts", tmp_path / "string.jsonl", "--output", tmp_path / "b.jsonl", "--ckpt", ckpt)
+    assert (r.returncode, r.stderr) == (1, f'error: {tmp_path / "string.jsonl"}:1: expected a JSON object whose '
+                                           '"conversations" list starts with the prompt\n')
+
+
+def test_one_writer_per_output_and_a_cut_short_line_is_dropped(ckpt, tmp_path):
+    """While one process holds --output, a second is refused in one line; a last line without its newline (a
+    write cut short) is dropped on the rerun, which answers that prompt again."""
+    (tmp_path / "prompts.txt").write_text("Plan a trip.\nTea?\n")
+    output = tmp_path / "a.jsonl"
+    whole = json.dumps({"prompt": "Plan a trip.", "response": "x", "tokens": 1, "stopped_at_eot": True}) + "\n"
+    output.write_text(whole + '{"prompt": "Tea?", "resp')
+    with open(output, "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = sample("--prompts", tmp_path / "prompts.txt", "--output", output, "--ckpt", ckpt)
+        assert (r.returncode, r.stderr) == (1, f"error: --output {output}: another sample.py is writing there; "
+                                               "wait for it or give another --output\n")
+    r = sample("--prompts", tmp_path / "prompts.txt", "--output", output, "--ckpt", ckpt, "--max_new_tokens", 4)
+    assert r.returncode == 0 and "dropping a cut-short last line (24 bytes)" in r.stderr, r.stderr
+    assert "1 prompts already answered, 1 to go" in r.stderr
+    lines = output.read_text().splitlines()
+    assert lines[0] == whole.strip() and [json.loads(line)["prompt"] for line in lines] == ["Plan a trip.", "Tea?"]
+
+
+def test_full_disk_leaves_whole_lines_and_the_rerun_continues(ckpt, tmp_path):
+    """--output on a 4 KiB tmpfs that fills up: one line, only whole lines left, and the rerun on a roomy disk
+    continues from them."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        prompts = [f"Plan trip number {i}." for i in range(80)]
+        (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        output = disk / "a.jsonl"
+        r = sample("--prompts", tmp_path / "prompts.txt", "--output", output, "--ckpt", ckpt, "--max_new_tokens",
+                   60, "--batch_size", 4, "--seed", 0)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+            f"error: --output {output}: cannot write to it (No space left on device); rerun to continue")
+        kept = output.read_bytes()
+        assert kept.endswith(b"\n") and len(kept.splitlines()) % 4 == 0  # whole batches of whole lines
+        rows = [json.loads(line) for line in kept.splitlines()]
+        roomy = tmp_path / "a.jsonl"
+        roomy.write_bytes(kept)
+    finally:
+        subprocess.run(["umount", str(disk)])
+    r = sample("--prompts", tmp_path / "prompts.txt", "--output", roomy, "--ckpt", ckpt, "--max_new_tokens", 60,
+               "--batch_size", 4, "--seed", 0)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(rows)} prompts already answered, {80 - len(rows)} to go" in r.stderr
+    assert [json.loads(line)["prompt"] for line in roomy.read_text().splitlines()] == prompts

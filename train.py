@@ -365,11 +365,11 @@ def answer_dev_prompts(epoch: int, dev_loss) -> list:
                 break
     rows = []
     for conversation, answer in zip(conversations, answers):
-        ended = tokenizer.eot_id in answer
-        if ended:
+        stopped_at_eot = tokenizer.eot_id in answer
+        if stopped_at_eot:
             answer = answer[: answer.index(tokenizer.eot_id)]
         rows.append({"epoch": epoch, "dev_loss": dev_loss, "prompt": conversation[0],
-                     "response": tokenizer.decode(answer), "ended": ended})
+                     "response": tokenizer.decode(answer), "stopped_at_eot": stopped_at_eot})
     shares = [rows] * world
     if distributed:
         dist.all_gather_object(shares, rows)
