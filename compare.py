@@ -387,21 +387,24 @@ def plot_ratings(plt, summaries):
     from matplotlib.ticker import PercentFormatter
 
     fig, ax = plt.subplots(figsize=(3 + 2 * len(summaries), 4), dpi=100)
-    width = 0.8 / len(summaries)
-    colors = [COLORS[name] for name in RATING_STATS.values()]
+    names = list(RATING_STATS.values())
     for i, s in enumerate(summaries):
-        offset = (i - (len(summaries) - 1) / 2) * width  # the files side by side in each group
         heights = [s[key] for key in RATING_STATS]
-        bars = ax.bar([k + offset for k in range(3)], heights, width * 0.9, color=colors)
+        places = [4 * i + k for k in range(3)]  # each file's three bars, a gap before the next
+        legend = names if i == 0 else None
+        colors = [COLORS[name] for name in names]
+        bars = ax.bar(places, heights, 0.9, color=colors, label=legend)
         counts = [round(h * s["n"]) for h in heights]  # shares are count / n to 4 places
         ax.bar_label(bars, [f"{h:.0%} ({c})" for h, c in zip(heights, counts)])
-        if len(summaries) > 1:
-            ax.bar_label(bars, [s["answers"]] * 3, label_type="center", rotation=90)
-    ax.set_xticks(range(3), RATING_STATS.values())
+    if len(summaries) == 1:  # as the paper draws it
+        ax.set_xticks(range(3), names)
+    else:
+        ax.set_xticks([4 * i + 1 for i in range(len(summaries))], [s["answers"] for s in summaries])
+        ax.legend(ncols=3, loc="upper left", frameon=False)
     ax.set_ylim(0, 1)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    names = ", ".join(f"{s['answers']}: {s['n']}" for s in summaries)
-    ax.set_title(f"ratings ({names})")
+    rated = ", ".join(f"{s['answers']}: {s['n']}" for s in summaries)
+    ax.set_title(f"ratings ({rated})")
     fig.tight_layout()
     return fig
 
@@ -497,14 +500,18 @@ def slot_of(row):
     return row["prompt"]
 
 
+unparsed = Counter(slot_of(row) for row in past if row[field] == "unparsed")
+judged = {slot_of(row): row[field] for row in past if row[field] != "unparsed"}
 rng = random.Random(args.seed)
 slots = shared
 if args.both_orders:  # each item twice, the answers swapped; the second time after all the others
     firsts = [rng.choice("AB") for _ in shared]
+    for i, prompt in enumerate(shared):  # judged in one order before: the other is the second time
+        for first in "AB":
+            if (prompt, first) in judged or unparsed[prompt, first] >= TRIES:
+                firsts[i] = first
     swapped = [(prompt, SWAP[first]) for prompt, first in zip(shared, firsts)]
     slots = list(zip(shared, firsts)) + swapped
-unparsed = Counter(slot_of(row) for row in past if row[field] == "unparsed")
-judged = {slot_of(row): row[field] for row in past if row[field] != "unparsed"}
 todo = [s for s in slots if s not in judged and unparsed[s] < TRIES]  # resume: only what is left
 done = "rated" if rating else "judged"
 orders = " in both orders" if args.both_orders else ""
