@@ -447,10 +447,10 @@ if args.report:
             fig.savefig(args.plot)
         except (OSError, ValueError) as e:  # ValueError: a format matplotlib does not write
             sys.exit(f"error: --plot {args.plot}: cannot write it ({e})")
-        drawn = f"Figure 1, {len(summaries)} pairs of files"
+        figure = f"Figure 1, {len(summaries)} pairs of files"
         if rated:
-            drawn = f"Figure 3, {len(summaries)} answer files"
-        print(f"wrote {args.plot}: {drawn}", file=sys.stderr)
+            figure = f"Figure 3, {len(summaries)} answer files"
+        print(f"wrote {args.plot}: {figure}", file=sys.stderr)
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -459,23 +459,23 @@ if args.report:
 if judging:
     A, B = args.answers
     answers = {"A": read_answers(A), "B": read_answers(B)}
-    shared = [p for p in answers["A"] if p in answers["B"]]
-    if not shared:
+    prompts = [p for p in answers["A"] if p in answers["B"]]  # the items: both files answer them
+    if not prompts:
         sys.exit(f"error: {A} and {B} answer no prompt in common")
     for path, responses in zip(args.answers, answers.values()):
-        if len(responses) > len(shared):
-            print(f"{path}: {len(responses) - len(shared)} prompts not in the other file, skipped",
+        if len(responses) > len(prompts):
+            print(f"{path}: {len(responses) - len(prompts)} prompts not in the other file, skipped",
                   file=sys.stderr)
 else:
     answers = read_answers(args.rate)
-    prompts = list(answers)
-    if args.sample > len(prompts):
-        sys.exit(f"error: --sample {args.sample}: {args.rate} answers {len(prompts)} prompts")
-    drawn = range(len(prompts))
+    answered = list(answers)
+    if args.sample > len(answered):
+        sys.exit(f"error: --sample {args.sample}: {args.rate} answers {len(answered)} prompts")
+    drawn = range(len(answered))
     if args.sample:  # LIMA §4.3 rated 50 answers drawn at random; kept in the file's order
         sampler = random.Random(args.seed or 0)  # the same draw on every rerun
         drawn = sorted(sampler.sample(drawn, args.sample))
-    shared = [prompts[i] for i in drawn]
+    prompts = [answered[i] for i in drawn]  # the items
 out = Path(args.out)
 if not out.parent.is_dir():
     sys.exit(f"error: --out {out}: no directory {out.parent}")
@@ -503,19 +503,20 @@ def slot_of(row):
 unparsed = Counter(slot_of(row) for row in past if row[field] == "unparsed")
 judged = {slot_of(row): row[field] for row in past if row[field] != "unparsed"}
 rng = random.Random(args.seed)
-slots = shared
+slots = prompts
 if args.both_orders:  # each item twice, the answers swapped; the second time after all the others
-    firsts = [rng.choice("AB") for _ in shared]
-    for i, prompt in enumerate(shared):  # judged in one order before: the other is the second time
+    firsts = [rng.choice("AB") for _ in prompts]
+    for i, prompt in enumerate(prompts):  # judged in one order before: the other is the second time
         for first in "AB":
             if (prompt, first) in judged or unparsed[prompt, first] >= TRIES:
                 firsts[i] = first
-    swapped = [(prompt, SWAP[first]) for prompt, first in zip(shared, firsts)]
-    slots = list(zip(shared, firsts)) + swapped
+    swapped = [(prompt, SWAP[first]) for prompt, first in zip(prompts, firsts)]
+    slots = list(zip(prompts, firsts)) + swapped
+judged = {s: judged[s] for s in slots if s in judged}  # not those of prompts no longer drawn
 todo = [s for s in slots if s not in judged and unparsed[s] < TRIES]  # resume: only what is left
 done = "rated" if rating else "judged"
 orders = " in both orders" if args.both_orders else ""
-print(f"{annotator}: {len(shared)} prompts{orders}, {len(slots) - len(todo)} {done} before, "
+print(f"{annotator}: {len(prompts)} prompts{orders}, {len(slots) - len(todo)} {done} before, "
       f"{len(todo)} to go")
 
 # -----------------------------------------------------------------------------
@@ -714,14 +715,14 @@ if rating:
           f"{summary}")
 elif args.both_orders:
     verdicts = []  # the items judged in both orders, combined by MT-Bench's rule
-    for prompt in shared:
+    for prompt in prompts:
         both = [judged.get((prompt, "A")), judged.get((prompt, "B"))]
         if set(both) <= {"A", "B", "tie"}:
             verdicts.append(both[0] if both[0] == both[1] else "tie")
     count = Counter(verdicts)
-    print(f"\n{annotator}, {len(verdicts)} of {len(shared)} judged in both orders: {A} better "
+    print(f"\n{annotator}, {len(verdicts)} of {len(prompts)} judged in both orders: {A} better "
           f"{count['A']}, tie {count['tie']}, {B} better {count['B']}. {summary}")
 else:
     count = Counter(judged.values())
-    print(f"\n{annotator}, {len(judged)} of {len(shared)} judged: {A} better {count['A']}, "
+    print(f"\n{annotator}, {len(judged)} of {len(prompts)} judged: {A} better {count['A']}, "
           f"tie {count['tie']}, {B} better {count['B']}, skipped {count['skip']}. {summary}")
