@@ -47,7 +47,7 @@ parser.add_argument("--judge_model", metavar="NAME", help="the model the judge s
 parser.add_argument("--timeout", type=float, default=120, help="seconds for a reply (%(default)s)")
 parser.add_argument("--both_orders", action="store_true", help="judge each item twice, swapped")
 parser.add_argument("--rate", metavar="ANSWERS", help="rate one file's answers, not a pair's")
-parser.add_argument("--sample", type=int, default=50, help="answers --rate draws (0: all)")
+parser.add_argument("--sample", type=int, default=50, help="answers to rate (%(default)s; 0: all)")
 parser.add_argument("--report", metavar="FILE", help="summarise a judgments or ratings jsonl")
 parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (%(default)s)")
 parser.add_argument("--plot", metavar="PNG", help="with --report: draw the paper's figure")
@@ -203,7 +203,8 @@ def tie_discounted(u, v):
     return 0
 
 
-def same(u, v):
+def same_rating(u, v):
+    """The ratings' agreement on one item: 1 for the same rating, else 0."""
     return 1 if u == v else 0
 
 
@@ -328,7 +329,7 @@ def report_ratings(path, rated, rng):
             by_annotator[who][key] = round(share, 4)
         print(f"  {who}: Fail {shares[0]:.0%} | Pass {shares[1]:.0%} | "
               f"Excellent {shares[2]:.0%} of {len(own)}")
-    agreement = agreements(final, counts, same, "the same rating")
+    agreement = agreements(final, counts, same_rating, "the same rating")
     return {"answers": path, "n": len(labels),
             **rounded(RATING_STATS, point, ci),
             "annotators": counts,
