@@ -47,7 +47,7 @@ parser.add_argument("--judge_model", metavar="NAME", help="the model the judge s
 parser.add_argument("--timeout", type=float, default=120, help="seconds for a reply (%(default)s)")
 parser.add_argument("--both_orders", action="store_true", help="judge each item twice, swapped")
 parser.add_argument("--rate", metavar="ANSWERS", help="rate one file's answers, not a pair's")
-parser.add_argument("--sample", type=int, default=50, help="answers --rate draws (0: all)")
+parser.add_argument("--sample", type=int, default=50, help="answers to rate (%(default)s; 0: all)")
 parser.add_argument("--report", metavar="FILE", help="summarise a judgments or ratings jsonl")
 parser.add_argument("--bootstrap", type=int, default=1000, help="resamples (%(default)s)")
 parser.add_argument("--plot", metavar="PNG", help="with --report: draw the paper's figure")
@@ -203,7 +203,8 @@ def tie_discounted(u, v):
     return 0
 
 
-def same(u, v):
+def same_rating(u, v):
+    """The ratings' agreement on one item: 1 for the same rating, else 0."""
     return 1 if u == v else 0
 
 
@@ -328,7 +329,7 @@ def report_ratings(path, rated, rng):
             by_annotator[who][key] = round(share, 4)
         print(f"  {who}: Fail {shares[0]:.0%} | Pass {shares[1]:.0%} | "
               f"Excellent {shares[2]:.0%} of {len(own)}")
-    agreement = agreements(final, counts, same, "the same rating")
+    agreement = agreements(final, counts, same_rating, "the same rating")
     return {"answers": path, "n": len(labels),
             **rounded(RATING_STATS, point, ci),
             "annotators": counts,
@@ -387,21 +388,24 @@ def plot_ratings(plt, summaries):
     from matplotlib.ticker import PercentFormatter
 
     fig, ax = plt.subplots(figsize=(3 + 2 * len(summaries), 4), dpi=100)
-    width = 0.8 / len(summaries)
-    colors = [COLORS[name] for name in RATING_STATS.values()]
+    names = list(RATING_STATS.values())
     for i, s in enumerate(summaries):
-        offset = (i - (len(summaries) - 1) / 2) * width  # the files side by side in each group
         heights = [s[key] for key in RATING_STATS]
-        bars = ax.bar([k + offset for k in range(3)], heights, width * 0.9, color=colors)
+        places = [4 * i + k for k in range(3)]  # each file's three bars, a gap before the next
+        legend = names if i == 0 else None
+        colors = [COLORS[name] for name in names]
+        bars = ax.bar(places, heights, 0.9, color=colors, label=legend)
         counts = [round(h * s["n"]) for h in heights]  # shares are count / n to 4 places
         ax.bar_label(bars, [f"{h:.0%} ({c})" for h, c in zip(heights, counts)])
-        if len(summaries) > 1:
-            ax.bar_label(bars, [s["answers"]] * 3, label_type="center", rotation=90)
-    ax.set_xticks(range(3), RATING_STATS.values())
+    if len(summaries) == 1:  # as the paper draws it
+        ax.set_xticks(range(3), names)
+    else:
+        ax.set_xticks([4 * i + 1 for i in range(len(summaries))], [s["answers"] for s in summaries])
+        ax.legend(ncols=3, loc="upper left", frameon=False)
     ax.set_ylim(0, 1)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    names = ", ".join(f"{s['answers']}: {s['n']}" for s in summaries)
-    ax.set_title(f"ratings ({names})")
+    rated = ", ".join(f"{s['answers']}: {s['n']}" for s in summaries)
+    ax.set_title(f"ratings ({rated})")
     fig.tight_layout()
     return fig
 
@@ -444,10 +448,10 @@ if args.report:
             fig.savefig(args.plot)
         except (OSError, ValueError) as e:  # ValueError: a format matplotlib does not write
             sys.exit(f"error: --plot {args.plot}: cannot write it ({e})")
-        drawn = f"Figure 1, {len(summaries)} pairs of files"
+        figure = f"Figure 1, {len(summaries)} pairs of files"
         if rated:
-            drawn = f"Figure 3, {len(summaries)} answer files"
-        print(f"wrote {args.plot}: {drawn}", file=sys.stderr)
+            figure = f"Figure 3, {len(summaries)} answer files"
+        print(f"wrote {args.plot}: {figure}", file=sys.stderr)
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -456,23 +460,23 @@ if args.report:
 if judging:
     A, B = args.answers
     answers = {"A": read_answers(A), "B": read_answers(B)}
-    shared = [p for p in answers["A"] if p in answers["B"]]
-    if not shared:
+    prompts = [p for p in answers["A"] if p in answers["B"]]  # the items: both files answer them
+    if not prompts:
         sys.exit(f"error: {A} and {B} answer no prompt in common")
     for path, responses in zip(args.answers, answers.values()):
-        if len(responses) > len(shared):
-            print(f"{path}: {len(responses) - len(shared)} prompts not in the other file, skipped",
+        if len(responses) > len(prompts):
+            print(f"{path}: {len(responses) - len(prompts)} prompts not in the other file, skipped",
                   file=sys.stderr)
 else:
     answers = read_answers(args.rate)
-    prompts = list(answers)
-    if args.sample > len(prompts):
-        sys.exit(f"error: --sample {args.sample}: {args.rate} answers {len(prompts)} prompts")
-    drawn = range(len(prompts))
+    answered = list(answers)
+    if args.sample > len(answered):
+        sys.exit(f"error: --sample {args.sample}: {args.rate} answers {len(answered)} prompts")
+    drawn = range(len(answered))
     if args.sample:  # LIMA §4.3 rated 50 answers drawn at random; kept in the file's order
         sampler = random.Random(args.seed or 0)  # the same draw on every rerun
         drawn = sorted(sampler.sample(drawn, args.sample))
-    shared = [prompts[i] for i in drawn]
+    prompts = [answered[i] for i in drawn]  # the items
 out = Path(args.out)
 if not out.parent.is_dir():
     sys.exit(f"error: --out {out}: no directory {out.parent}")
@@ -497,18 +501,23 @@ def slot_of(row):
     return row["prompt"]
 
 
-rng = random.Random(args.seed)
-slots = shared
-if args.both_orders:  # each item twice, the answers swapped; the second time after all the others
-    firsts = [rng.choice("AB") for _ in shared]
-    swapped = [(prompt, SWAP[first]) for prompt, first in zip(shared, firsts)]
-    slots = list(zip(shared, firsts)) + swapped
 unparsed = Counter(slot_of(row) for row in past if row[field] == "unparsed")
 judged = {slot_of(row): row[field] for row in past if row[field] != "unparsed"}
+rng = random.Random(args.seed)
+slots = prompts
+if args.both_orders:  # each item twice, the answers swapped; the second time after all the others
+    firsts = [rng.choice("AB") for _ in prompts]
+    for i, prompt in enumerate(prompts):  # judged in one order before: the other is the second time
+        for first in "AB":
+            if (prompt, first) in judged or unparsed[prompt, first] >= TRIES:
+                firsts[i] = first
+    swapped = [(prompt, SWAP[first]) for prompt, first in zip(prompts, firsts)]
+    slots = list(zip(prompts, firsts)) + swapped
+judged = {s: judged[s] for s in slots if s in judged}  # not those of prompts no longer drawn
 todo = [s for s in slots if s not in judged and unparsed[s] < TRIES]  # resume: only what is left
 done = "rated" if rating else "judged"
 orders = " in both orders" if args.both_orders else ""
-print(f"{annotator}: {len(shared)} prompts{orders}, {len(slots) - len(todo)} {done} before, "
+print(f"{annotator}: {len(prompts)} prompts{orders}, {len(slots) - len(todo)} {done} before, "
       f"{len(todo)} to go")
 
 # -----------------------------------------------------------------------------
@@ -707,14 +716,14 @@ if rating:
           f"{summary}")
 elif args.both_orders:
     verdicts = []  # the items judged in both orders, combined by MT-Bench's rule
-    for prompt in shared:
+    for prompt in prompts:
         both = [judged.get((prompt, "A")), judged.get((prompt, "B"))]
         if set(both) <= {"A", "B", "tie"}:
             verdicts.append(both[0] if both[0] == both[1] else "tie")
     count = Counter(verdicts)
-    print(f"\n{annotator}, {len(verdicts)} of {len(shared)} judged in both orders: {A} better "
+    print(f"\n{annotator}, {len(verdicts)} of {len(prompts)} judged in both orders: {A} better "
           f"{count['A']}, tie {count['tie']}, {B} better {count['B']}. {summary}")
 else:
     count = Counter(judged.values())
-    print(f"\n{annotator}, {len(judged)} of {len(shared)} judged: {A} better {count['A']}, "
+    print(f"\n{annotator}, {len(judged)} of {len(prompts)} judged: {A} better {count['A']}, "
           f"tie {count['tie']}, {B} better {count['B']}, skipped {count['skip']}. {summary}")

@@ -1,4 +1,5 @@
-"""compare.py: blind annotation, resume, a judge model over HTTP (a loopback stub), the report's numbers."""
+"""compare.py: blind annotation, resume, a judge model over HTTP (a loopback stub), both orders, ratings,
+the report's numbers and its figures."""
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).parent
 MARK = "ZEBRA"  # the stub judge prefers the answer that contains it
+GRADES = {"EXCELLENT": "Excellent", "PASSABLE": "Pass"}  # the stub judge rates by them, Fail without
 
 
 def compare(*args, cwd, input="", env=None):
@@ -137,6 +139,7 @@ def test_resume_after_the_process_is_killed(tmp_path):
 
 class Judge(BaseHTTPRequestHandler):
     mode, requests, garbage = "mark", [], ["Verdict: 1 or 2", "Answer 1 is significantly better.", "Verdict:"]
+    delay = 0  # seconds before each reply
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -145,10 +148,17 @@ class Judge(BaseHTTPRequestHandler):
             return self.send_error(500)
         if Judge.mode == "slow":
             time.sleep(1.5)
+        time.sleep(Judge.delay)
         text = body["messages"][0]["content"]
-        one, two = text.split("[Answer 1]")[1].split("[Answer 2]")
-        verdict = "Verdict: 1" if MARK in one and MARK not in two else \
-            "Verdict: 2" if MARK in two and MARK not in one else "Verdict: neither"
+        if "[Answer 1]" in text:
+            one, two = text.split("[Answer 1]")[1].split("[Answer 2]")
+            verdict = "Verdict: 1" if MARK in one and MARK not in two else \
+                "Verdict: 2" if MARK in two and MARK not in one else "Verdict: neither"
+            if Judge.mode == "first":  # position bias at its worst: the answer shown first wins
+                verdict = "Verdict: 1"
+        else:  # a rating of one answer
+            answer = text.split("[Answer]\n")[1].split("\n\n[End]")[0]
+            verdict = "Rating: " + next((g for m, g in GRADES.items() if m in answer), "Fail")
         if Judge.mode == "garbage":
             verdict = Judge.garbage[len(Judge.requests) % 3]
         asked = sum(text == t["messages"][0]["content"] for _, _, t in Judge.requests)
@@ -173,7 +183,7 @@ def judge():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    Judge.mode, Judge.requests = "mark", []
+    Judge.mode, Judge.requests, Judge.delay = "mark", [], 0
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -323,3 +333,352 @@ def test_bad_flags(tmp_path, flags, message):
     r = compare(a, a, *flags, cwd=tmp_path)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "j.jsonl").exists()
+
+
+# -----------------------------------------------------------------------------
+# Both orders (MT-Bench's rule): each item judged twice, the answers swapped
+
+
+def both_orders(tmp_path, judge, n=30, out="j.jsonl"):
+    a, b = judge_files(tmp_path, n)
+    r = compare(a, b, "--out", out, "--judge", judge, "--judge_model", "stub", "--both_orders", "--seed", 1,
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return r, judgments(tmp_path / out)
+
+
+def test_both_orders_judge_that_prefers_the_first_shown_ties_everything_and_never_agrees(tmp_path, judge):
+    Judge.mode = "first"
+    r, js = both_orders(tmp_path, judge)
+    assert len(js) == 60 and len(Judge.requests) == 60 and all(j["both_orders"] for j in js)
+    assert sorted((j["prompt"], j["first"]) for j in js) == sorted((f"prompt {i}", f) for i in range(30)
+                                                                   for f in "AB")
+    assert all(j["label"] == j["first"] for j in js)  # what the judge said: the first shown, always
+    assert "30 of 30 judged in both orders: a.jsonl better 0, tie 30, b.jsonl better 0" in r.stdout
+    text, [s] = report("j.jsonl", tmp_path)
+    assert (s["n"], s["a_better"], s["tie"], s["b_better"]) == (30, 0.0, 1.0, 0.0)
+    assert s["both_orders"] == {"items": 30, "agreed": 0, "agreement": 0.0}
+    assert (s["first_won"], s["decided"], s["position_bias"]) == (60, 60, 1.0)
+    assert "the two verdicts agreed on 0 of 30 items (0.0%)" in text
+    assert "=" * 60 in text  # the bar: all tie
+
+
+def test_both_orders_judge_that_prefers_the_marked_answer_gives_the_truth_and_always_agrees(tmp_path, judge):
+    r, js = both_orders(tmp_path, judge)
+    # the first pass shows every item once, the second pass swapped, after all the others
+    assert [j["prompt"] for j in js] == [f"prompt {i}" for i in range(30)] * 2
+    assert [j["first"] for j in js[30:]] == [{"A": "B", "B": "A"}[j["first"]] for j in js[:30]]
+    truth = ["A", "B", "tie"] * 10
+    assert [j["label"] for j in js[:30]] == [j["label"] for j in js[30:]] == truth
+    assert "30 of 30 judged in both orders: a.jsonl better 10, tie 10, b.jsonl better 10" in r.stdout
+    text, [s] = report("j.jsonl", tmp_path)
+    assert (s["n"], s["a_better"], s["tie"], s["b_better"]) == (30, 0.3333, 0.3333, 0.3333)
+    assert s["both_orders"] == {"items": 30, "agreed": 30, "agreement": 1.0}
+    assert "the two verdicts agreed on 30 of 30 items (100.0%)" in text
+    r = compare("a.jsonl", "b.jsonl", "--out", "j.jsonl", "--judge", judge, "--judge_model", "stub",
+                "--both_orders", cwd=tmp_path)
+    assert "30 prompts in both orders, 60 judged before, 0 to go" in r.stdout and len(Judge.requests) == 60
+
+
+def test_both_orders_for_a_person_each_item_twice_apart_and_resumed(tmp_path):
+    a = write_answers(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(5)])
+    b = write_answers(tmp_path / "b.jsonl", [f"beta {i}" for i in range(5)])
+    run = lambda keys: compare(a, b, "--out", "j.jsonl", "--annotator", "ana", "--both_orders", input=keys,
+                               cwd=tmp_path)
+    r = run("1\n" * 4)  # the end of input after 4 of the 10 showings, while the 5th is shown
+    assert "0 judged before, 10 to go" in r.stdout and "[5/10]" in r.stdout and "[6/10]" not in r.stdout
+    r = run("1\n" * 10)
+    assert "4 judged before, 6 to go" in r.stdout and "[5/10]" in r.stdout
+    asked = re.findall(r"\] =+\n(prompt \d+)\n", r.stdout)
+    assert asked == ["prompt 4", "prompt 0", "prompt 1", "prompt 2", "prompt 3", "prompt 4"]
+    js = judgments(tmp_path / "j.jsonl")
+    assert [j["prompt"] for j in js] == [f"prompt {i}" for i in range(5)] * 2  # each shown twice, 5 apart
+    assert sorted((j["prompt"], j["first"]) for j in js) == sorted((f"prompt {i}", f) for i in range(5)
+                                                                   for f in "AB")
+    # always key 1: the answer shown first, so the two orders never agree: all ties
+    assert "5 of 5 judged in both orders: a.jsonl better 0, tie 5, b.jsonl better 0" in r.stdout
+    assert report("j.jsonl", tmp_path)[1][0]["both_orders"] == {"items": 5, "agreed": 0, "agreement": 0.0}
+
+
+def test_both_orders_refused_where_the_annotator_judged_in_one_order(tmp_path):
+    a = write_answers(tmp_path / "a.jsonl", ["alpha"], ["p"])
+    b = write_answers(tmp_path / "b.jsonl", ["beta"], ["p"])
+    assert compare(a, b, "--out", "j.jsonl", "--annotator", "ana", input="1\n", cwd=tmp_path).returncode == 0
+    before = (tmp_path / "j.jsonl").read_text()
+    r = compare(a, b, "--out", "j.jsonl", "--annotator", "ana", "--both_orders", input="1\n1\n", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --out j.jsonl: ana judged a.jsonl vs b.jsonl in one order before: keep to that, or give "
+        "another --annotator"]
+    assert (tmp_path / "j.jsonl").read_text() == before
+    r = compare(a, b, "--out", "j.jsonl", "--annotator", "bob", "--both_orders", input="1\n1\n", cwd=tmp_path)
+    assert r.returncode == 0 and len(judgments(tmp_path / "j.jsonl")) == 3
+
+
+# -----------------------------------------------------------------------------
+# Ratings: LIMA's absolute analysis, Fail / Pass / Excellent
+
+
+def rate_file(tmp_path, n=30):
+    """Answer i: Excellent (i % 3 == 0), Pass (i % 3 == 1) or Fail, by the stub judge's markers."""
+    grades = ["EXCELLENT", "PASSABLE", "plain"]
+    return write_answers(tmp_path / "lima.jsonl", [f"answer {i} {grades[i % 3]}" for i in range(n)])
+
+
+def truth(prompt):
+    return ["Excellent", "Pass", "Fail"][int(prompt.split()[1]) % 3]
+
+
+def rate(tmp_path, judge, *flags, out="r.jsonl"):
+    return compare("--rate", "lima.jsonl", "--out", out, "--judge", judge, "--judge_model", "stub", *flags,
+                   cwd=tmp_path)
+
+
+def test_judge_ratings_come_out_as_the_known_shares(tmp_path, judge):
+    rate_file(tmp_path)
+    r = rate(tmp_path, judge, "--sample", 0)
+    assert r.returncode == 0, r.stderr
+    rs = judgments(tmp_path / "r.jsonl")
+    assert [x["prompt"] for x in rs] == [f"prompt {i}" for i in range(30)]  # --sample 0: all, in order
+    assert all(x["rating"] == truth(x["prompt"]) for x in rs) and {x["answers"] for x in rs} == {"lima.jsonl"}
+    assert "lima.jsonl" not in Judge.requests[0][2]["messages"][0]["content"]  # blind to the model's name
+    assert "30 of 30 rated: Fail 10, Pass 10, Excellent 10, skipped 0" in r.stdout
+    text, [s] = report("r.jsonl", tmp_path)
+    assert (s["answers"], s["n"], s["fail"], s["pass"], s["excellent"]) == ("lima.jsonl", 30, 0.3333, 0.3333,
+                                                                            0.3333)
+    assert s["by_annotator"] == {"stub": {"n": 30, "fail": 0.3333, "pass": 0.3333, "excellent": 0.3333}}
+    for k in ("fail", "pass", "excellent"):
+        lo, hi = s["ci95"][k]
+        assert 0 < lo < 1 / 3 < hi < 1
+    # LIMA's 50 of 300: a seeded draw, the same on a rerun, another with another seed
+    prompts = [f"prompt {i}" for i in range(300)]
+    write_answers(tmp_path / "lima.jsonl", [f"answer {i} {['EXCELLENT', 'PASSABLE', 'x'][i % 3]}"
+                                            for i in range(300)], prompts)
+    drawn = []
+    for seed, out in ((None, "s1.jsonl"), (None, "s2.jsonl"), (0, "s3.jsonl"), (7, "s4.jsonl")):
+        r = rate(tmp_path, judge, *(["--seed", seed] if seed is not None else []), out=out)
+        assert r.returncode == 0 and "50 prompts, 0 rated before, 50 to go" in r.stdout
+        drawn.append([x["prompt"] for x in judgments(tmp_path / out)])
+    assert drawn[0] == drawn[1] == drawn[2] != drawn[3]  # no --seed is seed 0
+    assert all(len(set(d)) == 50 and d == sorted(d, key=prompts.index) for d in drawn)  # file order
+    text, [s] = report("s4.jsonl", tmp_path)
+    want = [sum(truth(p) == g for p in drawn[3]) / 50 for g in ("Fail", "Pass", "Excellent")]
+    assert [s["fail"], s["pass"], s["excellent"]] == [round(w, 4) for w in want]
+
+
+def test_ratings_resume_after_a_kill_and_each_sampled_answer_is_rated_once(tmp_path, judge):
+    rate_file(tmp_path, n=40)
+    Judge.delay = 0.1
+    cmd = [sys.executable, str(ROOT / "compare.py"), "--rate", "lima.jsonl", "--out", "r.jsonl", "--judge", judge,
+           "--judge_model", "stub", "--sample", 20]
+    p = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out, deadline = tmp_path / "r.jsonl", time.time() + 30
+    while (not out.exists() or len(out.read_text().splitlines()) < 5) and time.time() < deadline:
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+    k = len(judgments(out))
+    assert 5 <= k < 20
+    Judge.delay = 0
+    r = rate(tmp_path, judge, "--sample", 20)
+    assert r.returncode == 0 and f"20 prompts, {k} rated before, {20 - k} to go" in r.stdout
+    rs = judgments(out)
+    assert len(rs) == 20 and len({x["prompt"] for x in rs}) == 20  # each sampled answer exactly once
+    assert all(x["rating"] == truth(x["prompt"]) for x in rs)
+    assert len(Judge.requests) <= 21  # none asked twice but the one in flight at the kill
+
+
+def test_ratings_unparseable_verdicts_retried_twice_never_guessed(tmp_path, judge):
+    rate_file(tmp_path, n=3)
+    Judge.mode = "garbage"
+    assert rate(tmp_path, judge, "--sample", 0).returncode == 0
+    assert [x["rating"] for x in judgments(tmp_path / "r.jsonl")] == ["unparsed"] * 9
+    assert "3 rated before, 0 to go" in rate(tmp_path, judge, "--sample", 0).stdout and len(Judge.requests) == 9
+    Judge.mode, Judge.requests = "garbage_once", []
+    (tmp_path / "r.jsonl").unlink()
+    assert rate(tmp_path, judge, "--sample", 0).returncode == 0
+    rs = judgments(tmp_path / "r.jsonl")
+    assert [x["rating"] for x in rs] == ["unparsed", "Excellent", "unparsed", "Pass", "unparsed", "Fail"]
+
+
+def test_a_person_rates_blind_keys_and_skip(tmp_path):
+    rate_file(tmp_path, n=4)
+    r = compare("--rate", "lima.jsonl", "--out", "r.jsonl", "--sample", 0, "--annotator", "ana",
+                input="e\nx\np\ns\nf\n", cwd=tmp_path)
+    assert r.returncode == 0 and "lima.jsonl" not in r.stdout.split("Summary:")[0]  # blind to the file
+    assert "Excellent: it meets them and is as good as or better than what an expert would write" in r.stdout
+    assert [x["rating"] for x in judgments(tmp_path / "r.jsonl")] == ["Excellent", "Pass", "skip", "Fail"]
+    assert "4 of 4 rated: Fail 1, Pass 1, Excellent 1, skipped 1" in r.stdout
+
+
+def test_ratings_report_arithmetic_on_a_hand_made_file(tmp_path):
+    ana = {"p0": "Excellent", "p1": "Pass", "p2": "Fail", "p3": "Excellent", "p4": "skip", "p5": "Pass"}
+    bob = {"p0": "Excellent", "p1": "Fail", "p2": "Fail", "p3": "Pass"}
+    rows = [{"answers": "lima.jsonl", "annotator": w, "prompt": p, "rating": g}
+            for w, d in (("ana", ana), ("bob", bob)) for p, g in d.items()]
+    rows.append({"answers": "lima.jsonl", "annotator": "bob", "prompt": "p3", "rating": "Excellent"})  # last counts
+    rows.append({"answers": "base.jsonl", "annotator": "ana", "prompt": "p0", "rating": "Fail"})
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    text, (s, base) = report("r.jsonl", tmp_path, "--seed", 2)
+    # ana E P F E P, bob E F F E: 9 ratings, Fail 3, Pass 2, Excellent 4
+    assert (s["n"], s["fail"], s["pass"], s["excellent"]) == (9, round(3 / 9, 4), round(2 / 9, 4), round(4 / 9, 4))
+    assert s["by_annotator"] == {"ana": {"n": 5, "fail": 0.2, "pass": 0.4, "excellent": 0.4},
+                                 "bob": {"n": 4, "fail": 0.5, "pass": 0.0, "excellent": 0.5}}
+    # shared p0..p3: E/E, P/F, F/F, E/E -> 3 of 4 the same
+    assert s["agreement"] == [{"annotators": ["ana", "bob"], "items": 4, "agreement": 0.75}]
+    assert s["annotators"] == {"ana": {"Excellent": 2, "Pass": 2, "Fail": 1, "skip": 1},
+                               "bob": {"Excellent": 2, "Fail": 2, "Pass": 1}}
+    assert (base["answers"], base["n"], base["fail"], base["ci95"]["fail"]) == ("base.jsonl", 1, 1.0, [1.0, 1.0])
+    assert report("r.jsonl", tmp_path, "--seed", 2)[1][0]["ci95"] == s["ci95"]  # seeded
+    assert "agreement ana - bob: 75.0% on 4 shared items (the same rating)" in text
+    assert report("r.jsonl", tmp_path, "--annotator", "bob")[1][0]["n"] == 4
+
+
+# -----------------------------------------------------------------------------
+# The figures: the PNG read back
+
+
+def png(path):
+    """The picture as (height, width, 3) integers 0-255."""
+    image = pytest.importorskip("matplotlib.image").imread(path)
+    return (image[..., :3] * 255).round().astype(int)
+
+
+def color_mask(pixels, colors):
+    """Where a pixel is one of colors (#rrggbb), give or take antialiasing's last few levels."""
+    import numpy as np
+
+    masks = [np.abs(pixels - [int(c[i:i + 2], 16) for i in (1, 3, 5)]).max(-1) <= 3 for c in colors]
+    return np.logical_or.reduce(masks)
+
+
+def runs(line, shortest=10):
+    """(start, end) of each run of True in a 1-D boolean array, at least shortest long (antialiased
+    text has some pixels of the bars' grey)."""
+    found, start = [], None
+    for i, on in enumerate(list(line) + [False]):
+        if on and start is None:
+            start = i
+        if not on and start is not None:
+            found.append((start, i))
+            start = None
+    return [(a, b) for a, b in found if b - a >= shortest]
+
+
+PAIR_COLORS = {"A": "#55a868", "tie": "#b0b0b0", "B": "#c44e52"}  # compare.py's
+RATING_COLORS = {"Fail": "#c44e52", "Pass": "#4c72b0", "Excellent": "#55a868"}
+
+
+def test_plot_figure_1_one_stacked_bar_per_pair_with_the_shares(tmp_path):
+    pytest.importorskip("matplotlib")
+    # (a, b, labels): shares 2/4 1/4 1/4, 1/4 0 3/4, 1/5 3/5 1/5
+    pairs = [("lima.jsonl", "gpt4.jsonl", "A A tie B"), ("lima.jsonl", "bard.jsonl", "A B B B"),
+             ("lima.jsonl", "davinci.jsonl", "A tie tie tie B")]
+    rows = [{"a": a, "b": b, "annotator": "ana", "prompt": f"p{i}", "first": "A", "label": label}
+            for a, b, labels in pairs for i, label in enumerate(labels.split())]
+    (tmp_path / "j.jsonl").write_text("".join(json.dumps(j) + "\n" for j in rows))
+    r = compare("--report", "j.jsonl", "--plot", "fig1.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "wrote fig1.png: Figure 1, 3 pairs of files"
+    pixels = png(tmp_path / "fig1.png")
+    assert pixels.shape == (330, 800, 3)  # 8 x (1.5 + 0.6 per pair) inches at 100 dpi
+    assert (pixels.min(-1) < 250).mean() > 0.2  # not blank
+    bars = color_mask(pixels, PAIR_COLORS.values())
+    left = min(x for x in range(pixels.shape[1]) if runs(bars[:, x]))  # the bars start at 0%
+    spans = runs(bars[:, left + 2])
+    assert len(spans) == 3  # one bar per pair
+    expected = [(2 / 4, 1 / 4, 1 / 4), (1 / 4, 0, 3 / 4), (1 / 5, 3 / 5, 1 / 5)]
+    for (top, bottom), shares in zip(spans, expected):  # top to bottom in the file's order
+        row = top + (bottom - top) // 5  # above the labels written in the middle
+        widths = [color_mask(pixels[row], [c]).sum() for c in PAIR_COLORS.values()]
+        assert [w / sum(widths) for w in widths] == pytest.approx(shares, abs=0.02)
+
+
+def test_plot_figure_3_three_bars_per_answer_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    grades = "Fail Pass Pass Excellent Excellent Excellent".split()  # 1/6, 2/6, 3/6
+    rows = [{"answers": "lima.jsonl", "annotator": "ana", "prompt": f"p{i}", "rating": g}
+            for i, g in enumerate(grades)]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r = compare("--report", "r.jsonl", "--plot", "fig3.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pixels = png(tmp_path / "fig3.png")
+    assert pixels.shape == (400, 500, 3) and (pixels.min(-1) < 250).mean() > 0.1
+    bars = color_mask(pixels, RATING_COLORS.values())
+    bottom = max(y for y in range(pixels.shape[0]) if runs(bars[y]))  # the bars stand on 0%
+    spans = runs(bars[bottom - 2])
+    assert len(spans) == 3
+    heights = [bars[:, (a + b) // 2].sum() for a, b in spans]
+    assert [h / heights[-1] for h in heights] == pytest.approx([1 / 3, 2 / 3, 1], abs=0.02)
+    colors = [tuple(pixels[bottom - 2, (a + b) // 2]) for a, b in spans]  # Fail, Pass, Excellent in order
+    assert colors == [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in RATING_COLORS.values()]
+    rows += [{**x, "answers": "base.jsonl"} for x in rows]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    assert compare("--report", "r.jsonl", "--plot", "fig3.png", cwd=tmp_path).returncode == 0
+    pixels = png(tmp_path / "fig3.png")
+    bars = color_mask(pixels, RATING_COLORS.values())
+    bottom = max(y for y in range(pixels.shape[0]) if runs(bars[y]))
+    assert pixels.shape == (400, 700, 3) and len(runs(bars[bottom - 2])) == 6  # two files: six bars
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path):
+    blocker = tmp_path / "blocker" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    good = json.dumps({"a": "x", "b": "y", "annotator": "ana", "prompt": "p", "first": "A", "label": "A"})
+    (tmp_path / "j.jsonl").write_text(good + "\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+    r = compare("--report", "j.jsonl", "--plot", "fig.png", cwd=tmp_path, env=env)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: --plot needs matplotlib: pip install "
+                                                                   "matplotlib"]
+    assert r.stdout == "" and not (tmp_path / "fig.png").exists()
+    r = compare("--report", "j.jsonl", cwd=tmp_path, env=env)  # imported only with --plot
+    assert r.returncode == 0 and '"n": 1' in r.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sample", 60], "error: --sample 60: lima.jsonl answers 4 prompts"),
+    (["--sample", -1], "error: --sample must be >= 0, got -1"),
+    (["--both_orders"], "error: --both_orders swaps the two answers of a pair: not with --rate or --report"),
+    (["--plot", "fig.png"], "error: --plot goes with --report"),
+])
+def test_bad_rating_flags(tmp_path, flags, message):
+    rate_file(tmp_path, n=4)
+    (tmp_path / "r.jsonl").write_text(json.dumps({"answers": "lima.jsonl", "annotator": "ana", "prompt": "prompt 0",
+                                                  "rating": "Pass"}) + "\n")
+    before = (tmp_path / "r.jsonl").read_text()
+    r = compare("--rate", "lima.jsonl", "--out", "r.jsonl", "--annotator", "ana", *flags, input="p\n" * 4,
+                cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [message] and "Traceback" not in r.stderr
+    assert (tmp_path / "r.jsonl").read_text() == before  # nothing rated before is lost
+
+
+@pytest.mark.parametrize("line", ['{"answers": "x", "annotator": "ana", "prompt": "p", "rating": "Good"}',
+                                  '{"answers": "x", "annotator": "ana", "prompt": "p", "rat',
+                                  '{"a": "x", "b": "y", "annotator": "ana", "prompt": "p", "first": "A", '
+                                  '"label": "A"}'])
+def test_bad_ratings_file(tmp_path, line):
+    rate_file(tmp_path, n=2)
+    good = json.dumps({"answers": "lima.jsonl", "annotator": "ana", "prompt": "prompt 0", "rating": "Pass"})
+    (tmp_path / "r.jsonl").write_text(f"{good}\n{line}\n")
+    before = (tmp_path / "r.jsonl").read_text()
+    for r in (compare("--report", "r.jsonl", cwd=tmp_path),
+              compare("--rate", "lima.jsonl", "--out", "r.jsonl", "--sample", 0, input="p\np\n", cwd=tmp_path)):
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip().splitlines() == ['error: r.jsonl:2: expected a rating: JSON with "answers", '
+                                                 '"annotator", "prompt" and "rating" (\'Fail\', \'Pass\', '
+                                                 "'Excellent', 'skip', 'unparsed')"]
+    assert (tmp_path / "r.jsonl").read_text() == before
+
+
+def test_bad_plot_paths(tmp_path):
+    pytest.importorskip("matplotlib")
+    good = json.dumps({"a": "x", "b": "y", "annotator": "ana", "prompt": "p", "first": "A", "label": "A"})
+    (tmp_path / "j.jsonl").write_text(good + "\n")
+    (tmp_path / "taken.png").mkdir()
+    for path, message in [("missing/fig.png", "error: --plot missing/fig.png: no directory missing"),
+                          ("taken.png", "error: --plot taken.png: cannot write it ("),
+                          ("fig.xyz", "error: --plot fig.xyz: cannot write it (")]:
+        r = compare("--report", "j.jsonl", "--plot", path, cwd=tmp_path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message), r.stderr
+    assert (tmp_path / "j.jsonl").read_text() == good + "\n"
