@@ -184,3 +184,43 @@ def test_killed_save_leaves_no_half_written_epoch(killed_run, tmp_path):
     assert sorted(p.name for p in out.glob("*epoch_*")) == ["epoch_01", "epoch_02"]
     assert all(torch.equal(first[k], v) for k, v in load_checkpoint(out / "epoch_01")[1].items())
     assert all(torch.equal(second[k], v) for k, v in load_checkpoint(out / "epoch_02")[1].items())
+
+def test_readme_snippet_decodes_as_sample_token(demo_run):
+    """The README's transformers snippet (generation_config.json, built-in penalty off, LIMA's penalty on the
+    answer only) draws the first two tokens from sample_token's distribution: frequencies within 4 standard
+    errors, nothing outside the nucleus, top-k off."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+    from model import penalize, top_p_filter
+
+    data, out = demo_run
+    ckpt = out / "epoch_04"
+    tok = Tokenizer(ckpt / "tokenizer.model")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt).float().eval()
+    assert hf.generation_config.top_k == 0
+    prompt = tok.encode_dialogue(torch.load(data / "dev.pt", weights_only=True)["conversations"][0][:1])[0]
+    n, draws = len(prompt), 3000
+    torch.manual_seed(0)
+    lima_penalty = RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=n)
+    got = hf.generate(torch.tensor([prompt] * draws), attention_mask=torch.ones(draws, n, dtype=torch.long),
+                      max_new_tokens=2, repetition_penalty=1.0, logits_processor=[lima_penalty],
+                      pad_token_id=tok.eot_id)[:, n:]
+    ours = load_model(ckpt, dtype=torch.float32).eval()
+
+    def expected(ids, seen):  # sample_token's distribution after ids, the tokens seen penalized
+        with torch.no_grad():
+            logits = ours(torch.tensor([ids]))[0, -1].float()
+        mask = torch.zeros(1, logits.shape[-1], dtype=torch.bool)
+        mask[0, seen] = True
+        probs = torch.softmax(penalize(logits[None], mask, 1.2) / 0.7, -1)
+        kept = top_p_filter(probs, 0.9)[0]
+        return kept / kept.sum()
+
+    def check(tokens, want):
+        freq = torch.bincount(tokens, minlength=len(want)).double() / len(tokens)
+        assert (want[tokens] > 0).all()  # nothing outside the nucleus
+        assert ((freq - want).abs() <= 4 * (want * (1 - want) / len(tokens)).sqrt() + 1e-3).all()
+
+    check(got[:, 0], expected(prompt, []).double())
+    firsts = got[:, 0][got[:, 0] != tok.eot_id]
+    first = torch.bincount(firsts).argmax().item()  # the likeliest first token that does not end the answer
+    check(got[got[:, 0] == first, 1], expected(prompt + [first], [first]).double())
