@@ -575,6 +575,26 @@ def check_out_is_free(out: Path, resume: bool):
             "--resume, or give a fresh --out")
 
 
+def trim_log(out: Path, step: int, steps_per_epoch: int):
+    """OUT/log.jsonl of a run resumed at step, less what it logged after that step's state was
+    saved (a run killed in between): the steps it will now redo are logged once."""
+    log = out / "log.jsonl"
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # cut short by the kill
+            continue
+        if "step" in row and row["step"] > step:
+            continue
+        if "dev_loss" in row and "step" not in row and row["epoch"] * steps_per_epoch > step:
+            continue
+        kept.append(line + "\n")
+    tmp = out / ".log.jsonl.tmp"
+    tmp.write_text("".join(kept))
+    tmp.rename(log)
+
+
 def lock_out(out: Path):
     """OUT/.lock, held while the returned file stays open: a second train.py there is refused."""
     out.mkdir(parents=True, exist_ok=True)

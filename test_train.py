@@ -482,3 +482,38 @@ def test_several_nodes_must_share_out(toy_data, tmp_path):
     assert shared.returncode == 0, shared.stderr[-2000:]
     assert (tmp_path / "node0" / "out_shared" / "resume" / "step_000001").is_dir()
     assert not list((tmp_path / "node0" / "out_shared").glob(".shared_*"))
+
+
+def test_a_run_killed_before_its_first_save_resumes_and_logs_each_step_once(toy_data, tmp_path):
+    """No dead end: a run killed during its first resume save (epoch_01 whole, no step_N yet) continues with
+    --resume from step 0, keeping the epoch; a run killed after logging steps past its last save logs each
+    step once after --resume; a train.pt that is not prepare.py's is one line."""
+    flags = [*SMALL, "--epochs", "2", "--batch_size", "16", "--save_epochs", "all"]
+    straight = trained(toy_data[0], tmp_path / "straight", *flags)
+    dead = shutil.copytree(straight, tmp_path / "dead")  # as a kill in dcp.save of step 3 leaves it
+    for step in (dead / "resume").iterdir():
+        shutil.rmtree(step)
+    (dead / "resume" / ".tmp_step_000003").mkdir()
+    shutil.rmtree(dead / "epoch_02")
+    lines = (dead / "log.jsonl").read_text().splitlines()
+    (dead / "log.jsonl").write_text("".join(line + "\n" for line in lines[:5]))  # config, 3 steps, epoch 1
+    r = train(toy_data[0], dead, *flags, "--resume")
+    assert r.returncode == 0 and "nothing saved in" in r.stderr and "starting again from step 0" in r.stderr
+    again, want = state(dead)["model"], state(straight)["model"]
+    assert want.keys() == again.keys() and all(torch.equal(again[k], want[k]) for k in want)
+    assert [row["step"] for row in log(dead) if "step" in row] == [1, 2, 3, 4, 5, 6]
+    # killed after logging steps 4 and 5, whose state was never saved: they are logged once
+    replay = shutil.copytree(straight, tmp_path / "replay")
+    trained(toy_data[0], tmp_path / "three", *flags, "--steps", "3")
+    shutil.rmtree(replay / "resume")
+    shutil.copytree(tmp_path / "three" / "resume", replay / "resume")
+    rows = (replay / "log.jsonl").read_text().splitlines()
+    (replay / "log.jsonl").write_text("".join(line + "\n" for line in rows[:7]) + '{"step": 6, "los')
+    trained(toy_data[0], replay, *flags, "--resume")
+    assert [row["step"] for row in log(replay) if "step" in row] == [1, 2, 3, 4, 5, 6]
+    assert [row["epoch"] for row in log(replay) if "dev_loss" in row and "step" not in row] == [1, 2]
+    bad = shutil.copytree(toy_data[0], tmp_path / "bad")
+    torch.save([1, 2], bad / "train.pt")
+    r = train(bad, tmp_path / "out", *SMALL)
+    assert (r.returncode, r.stderr.strip()) == (1, f"error: {bad / 'train.pt'} is not prepare.py's output (ids, "
+                                                   "mask and conversations); rerun prepare.py")

@@ -111,7 +111,7 @@ import torch.utils.checkpoint  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (CheckpointError, check_out_is_free, check_resume, latest_resume,  # noqa
-                        load_model, load_resume, lock_out, save_epoch, save_resume)
+                        load_model, load_resume, lock_out, save_epoch, save_resume, trim_log)
 from model import ModelArgs, Tokenizer, Transformer, generate  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -157,8 +157,11 @@ if distributed and world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
     if n_blind.item():
         sys.exit(f"error: --out {out}: {n_blind.item()} of {world} ranks do not see rank 0's "
                  "files there: on several nodes --out must be on a filesystem every node shares")
-if args.resume and resume_dir is None:
+if args.resume and resume_dir is None and not (out / "log.jsonl").exists():
     sys.exit(f"error: --resume: nothing saved in {out / 'resume'}")
+if args.resume and resume_dir is None and master:  # killed before its first save: no dead end
+    print(f"--resume: nothing saved in {out / 'resume'} yet: starting again from step 0 in {out} "
+          "(its complete epochs stay until this run writes them anew)", file=sys.stderr)
 
 
 def sha256(*files) -> str:
@@ -183,6 +186,9 @@ except Exception as e:
              "run prepare.py")
 n_words = tokenizer.n_words
 for split, d in (("train", train), ("dev", dev)):
+    if not isinstance(d, dict) or not {"ids", "mask", "conversations"} <= d.keys():
+        sys.exit(f"error: {data_dir / split}.pt is not prepare.py's output (ids, mask and "
+                 "conversations); rerun prepare.py")
     made_by = [d.get("n_words"), d.get("eot_id"), d.get("tokenizer_sha256")]
     out_of_vocabulary = any(x.max() >= n_words for x in d["ids"])
     if made_by != [n_words, n_words - 1, tokenizer_sha] or out_of_vocabulary:
@@ -261,7 +267,7 @@ run = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "we
                                      "beta1", "beta2", "seed", "max_len", "dropout")}
 run["dtype"] = "bfloat16" if bf16 else "float32"
 run = json.loads(json.dumps({**run, "data": data_sha, "model": vars(model_args)}))  # as it reads
-if args.resume:
+if resume_dir is not None:
     try:
         check_resume(resume_dir, run, data_dir)
     except CheckpointError as e:
@@ -397,17 +403,19 @@ if master:  # rank 0 holds OUT/.lock while the run lives
     except CheckpointError as e:
         sys.exit(f"error: {e}")
 start = 0
-if args.resume:  # data order, dropout and lr are functions of the step: weights and AdamW suffice
+if resume_dir is not None:  # the step fixes data order, dropout and lr: weights and AdamW suffice
     try:
         load_resume(resume_dir, model, optimizer, rank, world)
     except CheckpointError as e:
         sys.exit(f"error: --resume: {e}")
     start = int(resume_dir.name.removeprefix("step_"))
+    if master:
+        trim_log(out, start, steps_per_epoch)
 if master:  # OUT/log.jsonl: one JSON object a line, the settings first, the recipe filled in
     epochs = f"{args.epochs} epoch" + "s" * (args.epochs != 1)
     print(f"recipe: {preset}; {epochs}, batch {args.batch_size}, lr {args.lr:g} to "
           f"{args.min_lr:g}, dropout {args.dropout}", file=sys.stderr)
-    log_file = open(out / "log.jsonl", "a" if args.resume else "w", buffering=1)
+    log_file = open(out / "log.jsonl", "a" if resume_dir else "w", buffering=1)
     settings = {"config": vars(args), "preset": preset, "world_size": world,
                 "compute_dtype": "bfloat16" if bf16 else "float32"}
     print(json.dumps(settings), file=log_file)
