@@ -3,7 +3,8 @@
 OUT/tokenizer.model. With no flags, the tiny demo: data/sample.jsonl, with a small tokenizer trained
 on it. For LLaMA:
     python prepare.py --input lima/train.jsonl --tokenizer llama/tokenizer.model --dev 50 \
-        --out data/lima"""
+        --out data/lima
+--first N or --sample N keeps N dialogues of the input (a small run on a CPU) before --dev."""
 import argparse
 import hashlib
 import io
@@ -26,20 +27,43 @@ parser.add_argument("--out", default="data/prepared",
 parser.add_argument("--max_len", type=int, default=2048,
                     help="trim dialogues to this many tokens (LIMA §3)")
 parser.add_argument("--dev", type=int, default=5, help="dialogues held out for train.py's dev loss")
-parser.add_argument("--seed", type=int, default=1337, help="seed of the dev set's choice")
+parser.add_argument("--seed", type=int, default=1337,
+                    help="seed of the dev set's choice and of --sample's")
+parser.add_argument("--first", type=int, metavar="N",
+                    help="keep only the input's first N dialogues")
+parser.add_argument("--sample", type=int, metavar="N",
+                    help="keep N of the input's dialogues chosen by --seed, in the input's order")
 parser.add_argument("--vocab_size", type=int, default=2000,
                     help="size of the tokenizer trained on the input")
 args = parser.parse_args()
-src, out = Path(args.input), Path(args.out)
+src, out = Path(args.input), Path(os.path.normpath(args.out))  # "x/.." is "."
 
 # -----------------------------------------------------------------------------
 # check everything before writing anything: one line, no traceback, nothing written
-if not src.is_file():
-    sys.exit(f"error: {src}: no such input file")
+try:
+    if not src.exists():
+        sys.exit(f"error: {src}: no such input file")
+    data = src.read_bytes()
+except OSError as e:  # a directory, or no permission to read it or to look in its directory
+    sys.exit(f"error: {src}: cannot read it ({e.strerror})")
 if args.max_len < 2:
     sys.exit(f"error: --max_len {args.max_len}: expected at least 2 (BOS and one token)")
+if args.first is not None and args.sample is not None:
+    sys.exit("error: --first and --sample: expected one of them, not both")
+for flag, n in (("--first", args.first), ("--sample", args.sample)):
+    if n is not None and n < 1:
+        sys.exit(f"error: {flag} {n}: expected >= 1")
+where = out.resolve()  # OUT is replaced: never the directory we are in, nor where the input is
+if Path.cwd().is_relative_to(where):
+    sys.exit(f"error: --out {out}: the current directory or one above it; not replacing it")
+if src.resolve().is_relative_to(where):
+    sys.exit(f"error: --out {out}: is or holds the input {src}; not replacing it")
 ours = {"train.pt", "dev.pt", "tokenizer.model"}
-if out.exists() and not (out.is_dir() and set(os.listdir(out)) <= ours):
+try:
+    theirs = out.exists() and not (out.is_dir() and set(os.listdir(out)) <= ours)
+except OSError as e:  # no permission to list it or to look in its directory
+    sys.exit(f"error: --out {out}: cannot read it ({e.strerror})")
+if theirs:
     sys.exit(f"error: {out}: not an earlier prepare.py output (train.pt, dev.pt, "
              "tokenizer.model); not replacing it")
 if args.tokenizer:
@@ -82,14 +106,23 @@ def read_dialogue(where: str, line: bytes) -> tuple:
 
 
 conversations, sources = [], []
-for n, line in enumerate(src.read_bytes().split(b"\n"), 1):
+for n, line in enumerate(data.split(b"\n"), 1):
     if line.strip():
         turns, source = read_dialogue(f"{src}:{n}", line)
         conversations.append(turns)
         sources.append(source)
-N = len(conversations)
-if N == 0:
+if not conversations:
     sys.exit(f"error: {src}:1: empty file, expected one JSON object a line")
+rng, total, kept = random.Random(args.seed), len(conversations), ""  # --sample's, then --dev's
+if size := args.first or args.sample:  # a smaller run: some of the dialogues, in the input's order
+    flag = "--first" if args.first else "--sample"
+    if size > total:
+        sys.exit(f"error: {flag} {size}: expected at most {total:,}, the dialogues in {src}")
+    keep = range(size) if args.first else sorted(rng.sample(range(total), size))
+    conversations, sources = [conversations[k] for k in keep], [sources[k] for k in keep]
+    kept = (f" (the first {size:,} of its {total:,})" if args.first else
+            f" ({size:,} of its {total:,}, chosen by --seed {args.seed})")
+N = len(conversations)
 if not 0 <= args.dev < N:
     sys.exit(f"error: --dev {args.dev}: expected 0 to {N - 1}, leaving one of {N} dialogues to "
              "train on")
@@ -129,7 +162,7 @@ try:
     ids = [torch.tensor(i[: args.max_len]) for i, _ in encoded]
     mask = [torch.tensor(m[: args.max_len]) for _, m in encoded]
     columns = {"ids": ids, "mask": mask, "conversations": conversations, "source": sources}
-    dev = set(random.Random(args.seed).sample(range(N), args.dev))
+    dev = set(rng.sample(range(N), args.dev))
     made_by = {"eot_id": tokenizer.eot_id, "n_words": tokenizer.n_words, "max_len": args.max_len,
                "tokenizer_sha256": hashlib.sha256(tokenizer_model).hexdigest()}  # train.py checks
     splits = {"train": [k for k in range(N) if k not in dev], "dev": sorted(dev)}
@@ -150,7 +183,7 @@ n_trimmed = sum(n > args.max_len for n in lengths)
 n_supervised = sum(int(m.sum()) for m in mask)
 percentiles = ", ".join(f"p{q} {lengths[N * q // 100]:,}" for q in (50, 90, 99))
 print(f"wrote {out}/: {N:,} dialogues ({N - len(dev):,} train, {len(dev):,} dev), "
-      f"{sum(map(len, conversations)):,} turns, from {src}")
+      f"{sum(map(len, conversations)):,} turns, from {src}{kept}")
 print(f"tokenizer: {args.tokenizer or f'trained on {src}'}, {tokenizer.eot_id:,} pieces + EOT "
       f"(id {tokenizer.eot_id:,})")
 print(f"tokens: {sum(lengths):,} before trimming; {n_trimmed:,} dialogues trimmed at "

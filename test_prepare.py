@@ -1,6 +1,9 @@
 """prepare.py end to end: the sample, the real LIMA data (when present beside the checkout) and every bad input."""
+import ctypes
 import hashlib
 import json
+import os
+import random
 import resource
 import shutil
 import signal
@@ -26,6 +29,12 @@ KEYS = {"ids", "mask", "conversations", "source", "eot_id", "n_words", "tokenize
 def prepare(*args):
     return subprocess.run([sys.executable, "prepare.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
+
+
+def prepare_in(cwd, *args):
+    """prepare.py run from another directory: where --out and --input are relative to."""
+    return subprocess.run([sys.executable, ROOT / "prepare.py", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
 
 
 def load(path):
@@ -260,3 +269,158 @@ def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path):
     result = prepare("--out", tmp_path)
     assert result.returncode == 1 and "not an earlier prepare.py output" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def rows_of(path):
+    return [json.loads(line)["conversations"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def chosen(out):
+    """The conversations in OUT's train.pt and dev.pt; none in both."""
+    train, dev = load(out / "train.pt")["conversations"], load(out / "dev.pt")["conversations"]
+    assert not any(c in train for c in dev)
+    return train, dev
+
+
+def test_first_and_sample_choose_the_dialogues(sample, tmp_path):
+    rows, tokenizer = rows_of(SAMPLE), sample[0] / "tokenizer.model"  # the sample's: no tokenizer to train
+    result = prepare("--first", 10, "--dev", 2, "--tokenizer", tokenizer, "--out", tmp_path / "first")
+    assert result.returncode == 0, result.stderr
+    assert ("10 dialogues (8 train, 2 dev), 20 turns, from data/sample.jsonl (the first 10 of its 47)"
+            in result.stdout)
+    train, dev = chosen(tmp_path / "first")
+    assert sorted(map(json.dumps, train + dev)) == sorted(map(json.dumps, rows[:10]))
+    assert train == [c for c in rows[:10] if c not in dev]
+
+    subsets = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        result = prepare("--sample", 10, "--dev", 2, "--seed", seed, "--tokenizer", tokenizer,
+                         "--out", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        assert "10 dialogues (8 train, 2 dev), " in result.stdout
+        assert f"from data/sample.jsonl (10 of its 47, chosen by --seed {seed})" in result.stdout
+        train, dev = chosen(tmp_path / name)
+        picked = [k for k, c in enumerate(rows) if c in train + dev]
+        assert len(picked) == 10 and train == [rows[k] for k in picked if rows[k] not in dev]  # input order kept
+        assert picked == sorted(random.Random(seed).sample(range(47), 10))
+        subsets[name] = picked, dev
+    assert subsets["a"] == subsets["b"] and subsets["a"][0] != subsets["c"][0]
+    # all of them is all of them: --first 47 is the plain run
+    result = prepare("--first", 47, "--tokenizer", tokenizer, "--out", tmp_path / "all")
+    assert "47 dialogues (42 train, 5 dev), 118 turns" in result.stdout
+    assert chosen(tmp_path / "all") == (load(sample[0] / "train.pt")["conversations"],
+                                        load(sample[0] / "dev.pt")["conversations"])
+
+
+def test_lima_sample_walk_through_as_the_readme_shows(tmp_path):
+    """The README's small real-data run: 64 of LIMA's dialogues, the summary it prints as the README quotes it."""
+    for path in (LIMA, LLAMA):
+        if not path.exists():
+            pytest.skip(f"../{path.relative_to(ROOT.parent)} not found")
+    out = tmp_path / "lima64"
+    result = prepare("--input", "../shared/lima/train.jsonl", "--tokenizer", "../shared/llama/tokenizer.model",
+                     "--sample", 64, "--dev", 4, "--out", out)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.replace(str(out), "data/lima64")
+    assert printed.startswith("wrote data/lima64/: 64 dialogues (60 train, 4 dev), 128 turns, from "
+                              "../shared/lima/train.jsonl (64 of its 1,022, chosen by --seed 1337)\n")
+    assert f"```\n{printed}```" in (ROOT / "README.md").read_text(encoding="utf-8")
+    train, dev = chosen(out)
+    rows = rows_of(LIMA)
+    subset = [rows[k] for k in sorted(random.Random(1337).sample(range(1022), 64))]  # --seed's 64, in order
+    assert sorted(map(json.dumps, train + dev)) == sorted(map(json.dumps, subset)) and len(dev) == 4
+    assert train == [c for c in subset if c not in dev]
+
+
+def test_bad_first_sample_and_out_are_exactly_one_line(tmp_path):
+    """Each refusal: exit 1, exactly one line, and not a file written or removed anywhere under tmp_path."""
+    here = tmp_path / "here"  # an empty directory to run in
+    here.mkdir()
+    (tmp_path / "ours").mkdir()  # an input named like an output, in a directory holding only that
+    shutil.copy(SAMPLE, tmp_path / "ours" / "train.pt")
+    cases = [  # (args, the line)
+        (["--first", 0], "error: --first 0: expected >= 1"),
+        (["--first", -3], "error: --first -3: expected >= 1"),
+        (["--sample", 0], "error: --sample 0: expected >= 1"),
+        (["--first", 2, "--sample", 2], "error: --first and --sample: expected one of them, not both"),
+        (["--first", 48], f"error: --first 48: expected at most 47, the dialogues in {SAMPLE}"),
+        (["--sample", 1000], f"error: --sample 1000: expected at most 47, the dialogues in {SAMPLE}"),
+        (["--first", 3, "--dev", 3], "error: --dev 3: expected 0 to 2, leaving one of 3 dialogues to train on"),
+        (["--sample", 1, "--dev", 1], "error: --dev 1: expected 0 to 0, leaving one of 1 dialogues to train on"),
+        (["--input", here], f"error: {here}: cannot read it (Is a directory)"),
+        (["--out", "."], "error: --out .: the current directory or one above it; not replacing it"),
+        (["--out", ""], "error: --out .: the current directory or one above it; not replacing it"),
+        (["--out", "sub/.."], "error: --out .: the current directory or one above it; not replacing it"),
+        (["--out", ".."], "error: --out ..: the current directory or one above it; not replacing it"),
+        (["--out", tmp_path], f"error: --out {tmp_path}: the current directory or one above it; not replacing it"),
+        (["--out", SAMPLE.parent],
+         f"error: --out {SAMPLE.parent}: is or holds the input {SAMPLE}; not replacing it"),
+        (["--out", SAMPLE], f"error: --out {SAMPLE}: is or holds the input {SAMPLE}; not replacing it"),
+        (["--input", tmp_path / "ours" / "train.pt", "--out", tmp_path / "ours"],
+         f"error: --out {tmp_path / 'ours'}: is or holds the input {tmp_path / 'ours' / 'train.pt'}; "
+         "not replacing it"),
+    ]
+    before, data = tree(tmp_path), tree(SAMPLE.parent)
+    for args, line in cases:
+        result = prepare_in(here, "--input", SAMPLE, "--out", "o", *args)  # the case's own flags come last, win
+        assert (result.returncode, result.stderr, result.stdout) == (1, line + "\n", ""), args
+        assert tree(tmp_path) == before and tree(SAMPLE.parent) == data, f"{args}: files changed"
+        assert list(here.iterdir()) == [], args
+
+
+def obey_permissions():
+    """For a child process: root too obeys file modes (CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped)."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2):  # the two capabilities that let root read, write and search past a file's mode
+            if libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP: gone from the bounding set, so from the exec
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_unreadable_input_and_unwritable_out_are_one_line(sample, tmp_path):
+    """A file or directory whose mode forbids it: an --input it may not read (or look for), an --out it may not
+    list (or look for) or create. As root, the child drops the capabilities that ignore modes."""
+    for name in ("locked", "hidden", "no_list", "read_only"):
+        (tmp_path / name).mkdir()
+    for path in (tmp_path / "locked" / "data.jsonl", tmp_path / "hidden" / "data.jsonl", tmp_path / "data.jsonl"):
+        shutil.copy(SAMPLE, path)
+    modes = {tmp_path / "locked" / "data.jsonl": 0o000, tmp_path / "hidden": 0o000, tmp_path / "no_list": 0o000,
+             tmp_path / "read_only": 0o555}
+    before = tree(tmp_path)
+    try:
+        for path, mode in modes.items():
+            path.chmod(mode)
+        try:
+            probe = subprocess.run([sys.executable, "-c", f"open({str(tmp_path / 'locked' / 'data.jsonl')!r})"],
+                                   preexec_fn=obey_permissions, capture_output=True, text=True)
+        except subprocess.SubprocessError as e:
+            pytest.skip(f"cannot make file modes bind here ({e})")
+        if probe.returncode == 0:
+            pytest.skip("a file of mode 000 is readable here: nothing to refuse")
+        good = tmp_path / "data.jsonl"
+        cases = [  # (args, the line, or None: the line made from the process id)
+            (["--input", tmp_path / "locked" / "data.jsonl", "--out", tmp_path / "o"],
+             f"error: {tmp_path / 'locked' / 'data.jsonl'}: cannot read it (Permission denied)"),
+            (["--input", tmp_path / "hidden" / "data.jsonl", "--out", tmp_path / "o"],
+             f"error: {tmp_path / 'hidden' / 'data.jsonl'}: cannot read it (Permission denied)"),
+            (["--input", good, "--out", tmp_path / "no_list"],
+             f"error: --out {tmp_path / 'no_list'}: cannot read it (Permission denied)"),
+            (["--input", good, "--out", tmp_path / "hidden" / "o"],
+             f"error: --out {tmp_path / 'hidden' / 'o'}: cannot read it (Permission denied)"),
+            (["--input", good, "--out", tmp_path / "read_only" / "a" / "b"],
+             f"error: --out {tmp_path / 'read_only' / 'a' / 'b'}: cannot write it ([Errno 13] Permission denied: "
+             f"'{tmp_path / 'read_only' / 'a'}')"),
+            (["--input", good, "--out", tmp_path / "read_only" / "o"], None),  # the temporary directory is named
+        ]
+        for args, line in cases:
+            child = subprocess.Popen([sys.executable, "prepare.py", *map(str, args), "--tokenizer",
+                                      sample[0] / "tokenizer.model"], cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=obey_permissions)
+            stdout, stderr = child.communicate(timeout=300)
+            line = line or (f"error: --out {tmp_path / 'read_only' / 'o'}: cannot write it ([Errno 13] Permission "
+                            f"denied: '{tmp_path / 'read_only' / f'.o.tmp{child.pid}'}')")
+            assert (child.returncode, stderr, stdout) == (1, line + "\n", ""), args
+    finally:
+        for path in modes:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert tree(tmp_path) == before  # nothing written, nothing removed
