@@ -19,22 +19,24 @@ import sentencepiece as spm
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--input", default="data/sample.jsonl", help="dialogues, a JSON object a line")
+parser.add_argument("--input", default="data/sample.jsonl",
+                    help="dialogues, a JSON object a line (default: %(default)s)")
 parser.add_argument("--tokenizer",
                     help="SentencePiece model, e.g. LLaMA's (default: train one on the input)")
 parser.add_argument("--out", default="data/prepared",
-                    help="output directory; an earlier output is replaced")
+                    help="output directory; an earlier output is replaced (default: %(default)s)")
 parser.add_argument("--max_len", type=int, default=2048,
-                    help="trim dialogues to this many tokens (LIMA §3)")
-parser.add_argument("--dev", type=int, default=5, help="dialogues held out for train.py's dev loss")
+                    help="trim dialogues to this many tokens (LIMA §3) (default: %(default)s)")
+parser.add_argument("--dev", type=int, default=5,
+                    help="dialogues held out for train.py's dev loss (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=1337,
-                    help="seed of the dev set's choice and of --sample's")
+                    help="seed of the dev set's choice and of --sample's (default: %(default)s)")
 parser.add_argument("--first", type=int, metavar="N",
                     help="keep only the input's first N dialogues")
 parser.add_argument("--sample", type=int, metavar="N",
                     help="keep N of the input's dialogues chosen by --seed, in the input's order")
 parser.add_argument("--vocab_size", type=int, default=2000,
-                    help="size of the tokenizer trained on the input")
+                    help="size of the tokenizer trained on the input (default: %(default)s)")
 args = parser.parse_args()
 src, out = Path(args.input), Path(os.path.normpath(args.out))  # "x/.." is "."
 

@@ -126,7 +126,7 @@ def read_prompts(src: Path) -> list:
 
 def claim_output(output: Path):
     """--output opened for appending and locked while this run lives: one writer a file. A tail
-    without its newline (a write cut short) is dropped: every line ends where a batch's write did."""
+    without its newline (a write cut short) is dropped: each line ends where a batch's write did."""
     try:  # a directory or a file we may not write: refused now, not after the model loads
         f = open(output, "ab", buffering=0)  # unbuffered: a failed write is undone below, whole
     except OSError as e:

@@ -28,8 +28,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--size", help="LLaMA-1's 7B, 13B, 33B (30B) or 65B: fine-tunes llama/SIZE "
                     "unless --init; tiny: the demo")
 parser.add_argument("--init", help="a pretrained LLaMA-family directory (Meta or Hugging Face)")
-parser.add_argument("--data", default="data/prepared", help="prepare.py's output")
-parser.add_argument("--out", default="out", help="where the epochs, resume state and log go")
+parser.add_argument("--data", default="data/prepared", help="prepare.py's output (%(default)s)")
+parser.add_argument("--out", default="out", help="epochs, resume state and log (%(default)s)")
 parser.add_argument("--epochs", type=int, help="LIMA: 15; the tiny demo: 10")
 parser.add_argument("--lr", type=float, help="start of the linear decay; LIMA: 1e-5; tiny: 3e-3")
 parser.add_argument("--min_lr", type=float, help="end of the linear decay; LIMA: 1e-6; tiny: 3e-4")
@@ -44,16 +44,17 @@ parser.add_argument("--max_new_tokens", type=int, help="length of the dev answer
 parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW; LIMA: %(default)s")
 parser.add_argument("--beta1", type=float, default=0.9, help="AdamW; LIMA: %(default)s")
 parser.add_argument("--beta2", type=float, default=0.95, help="AdamW; LIMA: %(default)s")
-parser.add_argument("--seed", type=int, default=1337, help="data order, dropout, tiny's init")
-parser.add_argument("--max_len", type=int, default=2048, help="trim dialogues to this many tokens")
+parser.add_argument("--seed", type=int, default=1337, help="data order, dropout (%(default)s)")
+parser.add_argument("--max_len", type=int, default=2048, help="trim dialogues (LIMA: %(default)s)")
 parser.add_argument("--tokens_per_micro", type=int, default=2048,
-                    help="tokens per forward pass, padding included")
+                    help="tokens per forward pass, padding included (default: %(default)s)")
 parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                     help="compute dtype; default: bfloat16 on CUDA, float32 on a CPU")
 parser.add_argument("--dev_samples", type=int, default=50,
-                    help="dev prompts answered at each saved epoch")
+                    help="dev prompts answered at each saved epoch (default: %(default)s)")
 parser.add_argument("--save_epochs", default="5-10",
-                    help='"5-10" (LIMA\'s choice), "all" or "1,3,7"; the last is always saved')
+                    help='"5-10" (LIMA\'s choice, the default), "all" or "1,3,7"; the last '
+                    "is always saved")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/resume/")
 parser.add_argument("--peak_flops", type=float,
                     help="a GPU's dense bf16 FLOP/s for the MFU; default: known GPUs'")
