@@ -53,6 +53,9 @@ HF_NAMES = {  # Hugging Face's module names -> Meta's
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
+# The longest context a config may declare. LLaMA's longest is 2^17 (Llama 3.1's); longer is
+# damage, not a model: make_cache allocates a causal mask of its square (1 TiB of bools at 2^20)
+MAX_POSITIONS = 1 << 20
 
 
 def load_model(path, vocab_size: int | None = None, dtype=None, dropout: float = 0.0):
@@ -77,39 +80,56 @@ def load_checkpoint(path) -> tuple:
     """(ModelArgs, state dict in Meta's names) of a LLaMA directory, keys and shapes checked by
     load_state_dict. Meta's model-parallel shards are joined with one cat per weight."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / "params.json").exists():
-        model, files = meta_layout(path)  # on the meta device: shapes only
-    elif (path / "config.json").exists():
-        model, files = hf_layout(path)
-    else:
-        raise CheckpointError(
-            f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face)")
-    head_dim = model.args.head_dim
-    # Meta's shards are mapped one at a time and copied out to be joined; one file stays mapped
-    copy = len(files) > 1 and (path / "params.json").exists()
-    pieces = {}
-    try:  # shards that do not fit, missing or unexpected keys, wrong shapes: PyTorch names them
+    try:  # a file or directory that cannot be read, wherever it is: its OSError names it
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such checkpoint directory")
+        names = os.listdir(path)  # an unreadable directory raises here: glob would find nothing
+        if "params.json" in names:
+            model, files = meta_layout(path)  # on the meta device: shapes only
+        elif "config.json" in names:
+            model, files = hf_layout(path)
+        else:
+            raise CheckpointError(
+                f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face)")
+        head_dim = model.args.head_dim
+        shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+        # Meta's shards are mapped one at a time and copied out to be joined; one file stays mapped
+        copy = len(files) > 1 and "params.json" in names
+        pieces = {}  # Meta's name -> (file, tensor) of each shard that holds the weight
         for file in files:
             for name, tensor in load_tensors(file).items():
                 if name.endswith(("rope.freqs", "rotary_emb.inv_freq")):  # recomputed, not learned
                     continue
+                meta_name = hf_name(name, to_hf=False)
+                expected = shapes.get(meta_name)  # unexpected keys: load_state_dict names them
+                if expected is not None and tensor.dim() != len(expected):
+                    raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
+                                          f"expected a {len(expected)}-D weight")
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     tensor = hf_rotary_order(tensor, head_dim, to_hf=False)
                 if copy:
                     tensor = tensor.clone()
-                pieces.setdefault(hf_name(name, to_hf=False), []).append(tensor)
+                pieces.setdefault(meta_name, []).append((file, tensor))
         state_dict = {}
         for name in list(pieces):  # pop: each weight's pieces are freed once joined
-            parts = pieces.pop(name)
-            dim = META_SPLIT_DIM.get(name.split(".")[-2])
-            if len(parts) == 1 or dim is None:
+            shard_files, parts = zip(*pieces.pop(name))
+            dim = META_SPLIT_DIM.get(name.removesuffix(".weight").split(".")[-1])
+            if dim is None:  # replicated: every shard holds the same copy
+                for file, part in zip(shard_files[1:], parts[1:]):
+                    if not torch.equal(part, parts[0]):
+                        raise CheckpointError(
+                            f"{path}: {name} differs between {shard_files[0].name} and "
+                            f"{file.name}, expected copies (a replicated weight: every shard "
+                            "holds it whole)")
+                state_dict[name] = parts[0]
+            elif len(parts) == 1:
                 state_dict[name] = parts[0]
             else:
                 state_dict[name] = torch.cat(parts, dim)
         model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or path}: cannot be read ({e.strerror or e})") from None
+    except RuntimeError as e:  # shards that do not fit, missing or unexpected keys, wrong shapes
         raise CheckpointError(f"{path}: {' '.join(str(e).split())}") from None
     return model.args, state_dict
 
@@ -123,12 +143,25 @@ def read_json(file: Path) -> dict:
 
 def load_tensors(file: Path) -> dict:
     """The tensors of a .pth or .bin file (weights only) or a .safetensors file, memory-mapped."""
+    file.open("rb").close()  # unreadable: an OSError naming it, not the readers' own words for it
     if file.suffix != ".safetensors":
         try:
-            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # truncated zip, pickle of arbitrary objects, ...
+            raise CheckpointError(f"{file}: cannot be read as a weights-only checkpoint "
+                                  f"({' '.join(str(e).split())})") from None
+        expected = "expected a dict of weight names to tensors"
+        if not isinstance(tensors, dict):
             raise CheckpointError(
-                f"{file}: cannot be read as a weights-only checkpoint ({e})") from None
+                f"{file}: holds an object of type {type(tensors).__name__}, {expected}")
+        for name, tensor in tensors.items():
+            if not isinstance(name, str):
+                raise CheckpointError(
+                    f"{file}: holds the key {name!r} of type {type(name).__name__}, {expected}")
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(
+                    f"{file}: holds {name} of type {type(tensor).__name__}, {expected}")
+        return tensors
     try:
         from safetensors import safe_open
     except ImportError:
@@ -138,7 +171,37 @@ def load_tensors(file: Path) -> dict:
         with safe_open(file, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # a header that lies about shapes, offsets or dtypes
-        raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
+        raise CheckpointError(
+            f"{file}: not a valid safetensors file ({' '.join(str(e).split())})") from None
+
+
+def positive(config: dict, name: str, default=None, real=False, most=math.inf):
+    """config[name] (or default where it is absent; a KeyError where there is none), unless it is
+    not a positive int (any number, with real) no larger than most: a ValueError naming it."""
+    value = config[name] if default is None else config.get(name, default)
+    if real:
+        kinds, kind = (int, float), "number"
+    else:
+        kinds, kind = (int,), "int"
+    # NaN and infinities fail the comparison; True is an int to Python, not to a config
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value <= most:
+        at_most = f" of at most {most}" if most < math.inf else ""
+        raise ValueError(f"{name} is {value!r}, expected a positive {kind}{at_most}")
+    return value
+
+
+def check_heads(config: dict, dim: str, heads: str, kv_heads: str):
+    """Refuse (a ValueError naming the fields) heads that do not split the width into heads of an
+    even size, or key/value heads that do not divide the heads."""
+    width, n_heads, n_kv_heads = config[dim], config[heads], config.get(kv_heads)
+    if width % n_heads:
+        raise ValueError(f"{dim} {width} is not a multiple of {heads} {n_heads}")
+    if width // n_heads % 2:
+        raise ValueError(
+            f"{dim} {width} / {heads} {n_heads}: an odd head size (RoPE rotates pairs)")
+    if n_kv_heads is not None and n_heads % n_kv_heads:
+        raise ValueError(f"{kv_heads} {n_kv_heads} does not divide {heads} {n_heads} (each "
+                         "key/value head serves as many queries)")
 
 
 def meta_layout(path: Path) -> tuple:
@@ -150,13 +213,28 @@ def meta_layout(path: Path) -> tuple:
     embedding = load_tensors(files[0]).get("tok_embeddings.weight")
     if embedding is None:
         raise CheckpointError(f"{files[0]}: no tok_embeddings.weight")
+    if embedding.dim() != 2:
+        raise CheckpointError(f"{files[0]}: tok_embeddings.weight has shape "
+                              f"{tuple(embedding.shape)}, expected a 2-D weight")
     known = {f.name for f in fields(ModelArgs)}
     try:
-        if params.get("vocab_size", -1) <= 0:  # Meta's params.json says -1: the tokenizer decides
+        vocab_size = params.get("vocab_size", -1)
+        if isinstance(vocab_size, int) and vocab_size <= 0:  # Meta's -1: the tokenizer decides
             params["vocab_size"] = embedding.shape[0]
         args = ModelArgs(**{k: v for k, v in params.items() if k in known})
+        values = vars(args)  # params.json's names are ModelArgs' own
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of"):
+            positive(values, name)
+        for name in ("norm_eps", "rope_theta"):
+            positive(values, name, real=True)
+        positive(values, "max_seq_len", most=MAX_POSITIONS)
+        if args.n_kv_heads is not None:
+            positive(values, "n_kv_heads")
+        if args.ffn_dim_multiplier is not None:
+            positive(values, "ffn_dim_multiplier", real=True)
+        check_heads(values, "dim", "n_heads", "n_kv_heads")
         n_shards = args.dim // embedding.shape[1]  # the embedding is split on dim 1
-        with torch.device("meta"):  # sizes no model has (0 heads, a string) fail here
+        with torch.device("meta"):
             model = Transformer(args)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path / 'params.json'}: not LLaMA's parameters ({e})") from None
@@ -168,14 +246,27 @@ def meta_layout(path: Path) -> tuple:
 
 
 def hf_args(config: dict) -> ModelArgs:
-    """ModelArgs of a Hugging Face LLaMA config.json."""
+    """ModelArgs of a Hugging Face LLaMA config.json, each value checked as it is read (a
+    KeyError or ValueError names the field)."""
     # RoPE's base: at the top level or in rope_parameters (transformers 5); plain RoPE only
     rope_parameters = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
+    for name, value in (("rope_parameters", rope_parameters), ("rope_scaling", scaling)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} is {value!r}, expected an object")
     for kind in (rope_parameters.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
         if kind not in (None, "default"):
             raise ValueError(f"RoPE scaling {kind!r} is not implemented")
-    rope_theta = config.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+    if config.get("rope_theta") is None:
+        rope_theta = positive(rope_parameters, "rope_theta", 10000.0, real=True)
+    else:
+        rope_theta = positive(config, "rope_theta", real=True)
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "vocab_size"):
+        positive(config, name)
+    if config.get("num_key_value_heads") is not None:
+        positive(config, "num_key_value_heads")
+    check_heads(config, "hidden_size", "num_attention_heads", "num_key_value_heads")
     dim, hidden = config["hidden_size"], config["intermediate_size"]
     return ModelArgs(
         dim=dim,
@@ -186,9 +277,9 @@ def hf_args(config: dict) -> ModelArgs:
         # HF stores the SwiGLU width itself; these two reproduce it through Meta's rounding rule
         multiple_of=hidden,
         ffn_dim_multiplier=hidden / int(2 * 4 * dim / 3),
-        norm_eps=config.get("rms_norm_eps", 1e-6),
+        norm_eps=positive(config, "rms_norm_eps", 1e-6, real=True),
         rope_theta=rope_theta,
-        max_seq_len=config.get("max_position_embeddings", 2048),
+        max_seq_len=positive(config, "max_position_embeddings", 2048, most=MAX_POSITIONS),
     )
 
 
@@ -196,6 +287,9 @@ def hf_layout(path: Path) -> tuple:
     """The model (on the meta device) that Hugging Face's config.json describes, and its files."""
     config_file = path / "config.json"
     config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: holds a JSON {type(config).__name__}, expected a "
+                              "LLaMA config (an object)")
     try:
         args = hf_args(config)
         with torch.device("meta"):

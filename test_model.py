@@ -1,6 +1,10 @@
 """model.py against Hugging Face's LlamaForCausalLM, Meta's checkpoint layout, and LIMA's dialogue format."""
+import errno
+import io
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -289,6 +293,210 @@ def test_hf_shape_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{tmp_path}: .*size mismatch for layers.0.feed_forward.w3.weight: "
                                               r".*shape torch.Size\(\[170, 64\]\) .*torch.Size\(\[176, 64\]\)"):
         load_checkpoint(tmp_path)
+
+
+def hf_dir(path: Path, **config) -> Path:
+    """A small Hugging Face LLaMA directory, these fields of its config.json replaced."""
+    hf_model().save_pretrained(path)
+    saved = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**saved, **config}))
+    return path
+
+
+def test_bin_that_is_not_a_dict_of_tensors(tmp_path):
+    hf_model().config.save_pretrained(tmp_path)
+    file = tmp_path / "pytorch_model.bin"
+    expected = "expected a dict of weight names to tensors"
+    for bad, why in (([torch.zeros(2)], "an object of type list"),
+                     ({0: torch.zeros(2)}, "the key 0 of type int"),
+                     ({"w": {"x": torch.zeros(2)}}, "w of type dict")):
+        torch.save(bad, file)
+        with pytest.raises(CheckpointError, match=rf"^{file}: holds {why}, {expected}$"):
+            load_checkpoint(tmp_path)
+
+
+def test_key_without_a_module_is_an_unexpected_key(tmp_path):
+    ref = hf_model()
+    ref.config.save_pretrained(tmp_path)
+    torch.save({**ref.state_dict(), "bias": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    unexpected = rf"^{tmp_path}: [^\n]*Unexpected key\(s\) [^\n]*\"bias\""
+    with pytest.raises(CheckpointError, match=unexpected):
+        load_checkpoint(tmp_path)
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/config.json: holds a JSON list, "
+                                              r"expected a LLaMA config \(an object\)$"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["rope_parameters", "rope_scaling"])
+def test_rope_settings_that_are_not_objects(tmp_path, field):
+    hf_dir(tmp_path, **{field: "default"})
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/config.json: not a LLaMA config "
+                                              rf"\({field} is 'default', expected an object\)$"):
+        load_checkpoint(tmp_path)
+
+
+def test_meta_shard_that_is_a_list(meta_dir):
+    for name in ("consolidated.01.pth", "consolidated.00.pth"):  # the first is read on its own
+        torch.save([torch.zeros(2)], meta_dir / name)
+        with pytest.raises(CheckpointError, match=rf"^{meta_dir}/{name}: holds an object of "
+                                                  r"type list, expected a dict of weight names "
+                                                  r"to tensors$"):
+            load_checkpoint(meta_dir)
+
+
+@pytest.mark.parametrize("name,shape", [("layers.0.attention.wo.weight", (2048,)),
+                                        ("layers.0.attention.wq.weight", ()),
+                                        ("layers.1.ffn_norm.weight", (64, 1)),
+                                        ("tok_embeddings.weight", (3072,))])
+def test_meta_weight_of_the_wrong_rank(meta_dir, name, shape):
+    file = meta_dir / "consolidated.00.pth"
+    shard = torch.load(file, weights_only=True)
+    torch.save({**shard, name: torch.zeros(shape)}, file)
+    rank = 1 if "norm" in name else 2
+    message = rf"^{file}: {name} has shape {re.escape(str(shape))}, expected a {rank}-D weight$"
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(meta_dir)
+
+
+def test_hf_weight_of_the_wrong_rank(tmp_path):
+    ref = hf_model()
+    ref.config.save_pretrained(tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.save({**ref.state_dict(), name: torch.tensor(1.0)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/pytorch_model.bin: {name} has shape "
+                                              r"\(\), expected a 2-D weight$"):
+        load_checkpoint(tmp_path)
+
+
+class Planted:
+    """Pickled as a call of os.system: what a weights-only load must refuse."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_planted_pickle_is_refused_in_one_line(tmp_path, layout):
+    if layout == "hf":
+        hf_model().config.save_pretrained(tmp_path)
+        file = tmp_path / "pytorch_model.bin"
+    else:
+        to_meta_layout(hf_model().state_dict(), 4, 4, 64, 1, tmp_path)
+        file = tmp_path / "consolidated.00.pth"
+    torch.save({"w": Planted()}, file)
+    refusal = r"\(Weights only load failed\. [^\n]*posix\.system[^\n]*\)$"
+    with pytest.raises(CheckpointError,
+                       match=rf"^{file}: cannot be read as a weights-only checkpoint {refusal}"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.fixture
+def modes_bind(monkeypatch):
+    """Root reads files and directories whatever their mode: make io.open and os.listdir refuse what
+    its owner may not read, as they do for any other user."""
+    if os.geteuid() != 0:
+        return
+    real_open, real_listdir = io.open, os.listdir
+
+    def refuse_unreadable(path):
+        if isinstance(path, (str, Path)) and os.path.exists(path):
+            if not os.stat(path).st_mode & stat.S_IRUSR:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def guarded_open(file, *args, **kwargs):
+        refuse_unreadable(file)
+        return real_open(file, *args, **kwargs)
+
+    def guarded_listdir(path="."):
+        refuse_unreadable(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(io, "open", guarded_open)
+    monkeypatch.setattr(os, "listdir", guarded_listdir)
+
+
+@pytest.mark.parametrize("victim", ["config.json", "model.safetensors.index.json",
+                                    "model-00001-of-00002.safetensors", "pytorch_model.bin",
+                                    "params.json", "consolidated.01.pth", "."])
+def test_unreadable_file_is_one_line(tmp_path, modes_bind, victim):
+    if victim in ("params.json", "consolidated.01.pth"):
+        to_meta_layout(hf_model().state_dict(), 4, 4, 64, 2, tmp_path)
+    elif victim == "pytorch_model.bin":
+        ref = hf_model()
+        ref.config.save_pretrained(tmp_path)
+        torch.save(ref.state_dict(), tmp_path / victim)
+    else:
+        hf_model().save_pretrained(tmp_path, max_shard_size="300KB")
+    file = tmp_path / victim
+    mode = file.stat().st_mode
+    file.chmod(0)
+    try:
+        with pytest.raises(CheckpointError,
+                           match=rf"^{file}: cannot be read \(Permission denied\)$"):
+            load_checkpoint(tmp_path)
+    finally:
+        file.chmod(mode)
+
+
+@pytest.mark.parametrize("config,why", [
+    ({"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads 4 "
+                                 r"\(each key/value head serves as many queries\)"),
+    ({"num_attention_heads": 5}, "hidden_size 64 is not a multiple of num_attention_heads 5"),
+    ({"num_attention_heads": 64}, r"hidden_size 64 / num_attention_heads 64: an odd head size "
+                                  r"\(RoPE rotates pairs\)"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps is -1, expected a positive number"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps is '1e-5', expected a positive number"),
+    ({"rope_theta": 0}, "rope_theta is 0, expected a positive number"),
+    ({"rope_parameters": {"rope_theta": float("nan")}},
+     "rope_theta is nan, expected a positive number"),
+    ({"max_position_embeddings": 10**9},
+     "max_position_embeddings is 1000000000, expected a positive int of at most 1048576"),
+    ({"max_position_embeddings": 2048.0},
+     "max_position_embeddings is 2048.0, expected a positive int of at most 1048576"),
+    ({"vocab_size": 0}, "vocab_size is 0, expected a positive int"),
+    ({"num_hidden_layers": True}, "num_hidden_layers is True, expected a positive int"),
+], ids=["kv_heads", "heads", "odd_head", "eps", "eps_str", "theta", "theta_nan", "context",
+        "context_float", "vocab", "layers_bool"])
+def test_bad_hf_config_values(tmp_path, config, why):
+    hf_dir(tmp_path, **config)
+    with pytest.raises(CheckpointError,
+                       match=rf"^{tmp_path}/config.json: not a LLaMA config \({why}\)$"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("params,why", [
+    ({"n_kv_heads": 3},
+     r"n_kv_heads 3 does not divide n_heads 4 \(each key/value head serves as many queries\)"),
+    ({"n_heads": 6}, "dim 64 is not a multiple of n_heads 6"),
+    ({"norm_eps": 0}, "norm_eps is 0, expected a positive number"),
+    ({"rope_theta": -10000.0}, "rope_theta is -10000.0, expected a positive number"),
+    ({"max_seq_len": 1 << 21},
+     "max_seq_len is 2097152, expected a positive int of at most 1048576"),
+    ({"dim": 64.0}, "dim is 64.0, expected a positive int"),
+    ({"vocab_size": "96"}, "vocab_size is '96', expected a positive int"),
+    ({"ffn_dim_multiplier": 0}, "ffn_dim_multiplier is 0, expected a positive number"),
+], ids=["kv_heads", "heads", "eps", "theta", "context", "dim_float", "vocab_str", "ffn"])
+def test_bad_meta_params(meta_dir, params, why):
+    saved = json.loads((meta_dir / "params.json").read_text())
+    (meta_dir / "params.json").write_text(json.dumps({**saved, **params}))
+    with pytest.raises(CheckpointError,
+                       match=rf"^{meta_dir}/params.json: not LLaMA's parameters \({why}\)$"):
+        load_checkpoint(meta_dir)
+
+
+def test_meta_shards_that_disagree_on_a_replicated_weight(meta_dir):
+    file = meta_dir / "consolidated.01.pth"
+    shard = torch.load(file, weights_only=True)
+    torch.save({**shard, "norm.weight": shard["norm.weight"] + 1}, file)
+    message = (rf"^{meta_dir}: norm.weight differs between consolidated.00.pth and "
+               r"consolidated.01.pth, expected copies \(a replicated weight: every shard holds "
+               r"it whole\)$")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(meta_dir)
 
 
 def test_load_peak_memory_is_one_copy(tmp_path):
