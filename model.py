@@ -331,8 +331,9 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
     per step, one model forward each. A row ends after stop_id, max_new_tokens or the end of the
     context, as it would alone, and yields -1 from then on; the last token yielded is not fed to the
     model. Given a cache (make_cache), one prompt continues what it holds at positions < start_pos
-    (a chat's earlier turns); else one is made for this call. compile: the decode step through
-    torch.compile (compile_step)."""
+    (a chat's earlier turns); else one is made for this call. generator: one torch.Generator, or a
+    list of one a row, whose answer then depends on its prompt and generator alone, not on its
+    batch. compile: the decode step through torch.compile (compile_step)."""
     device = model.output.weight.device
     lens = [len(p) for p in prompts]
     B, L = len(lens), max(lens)
@@ -363,7 +364,10 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
     seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
     done = limits < 1
     for k in range(steps):
-        u = torch.rand(B, 1, generator=generator, device=device)
+        if isinstance(generator, list):  # each row draws from its own
+            u = torch.cat([torch.rand(1, 1, generator=g, device=device) for g in generator])
+        else:
+            u = torch.rand(B, 1, generator=generator, device=device)
         if k == 0:
             nxt = sample_token(logits, seen, temperature, top_p, repetition_penalty, u)
         else:  # feed the last token (done rows feed something, at most into the last slot)

@@ -4,6 +4,7 @@ p = 0.9, temperature 0.7, a repetition penalty of 1.2 on previously generated to
 tokens, ending at EOT."""
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import sys
@@ -33,7 +34,8 @@ parser.add_argument("--repetition_penalty", type=float, default=1.2,
                     "multiplied by it; LIMA: %(default)s, 1 is off")
 parser.add_argument("--max_new_tokens", type=int, default=2048,
                     help="longest answer, LIMA: %(default)s")
-parser.add_argument("--seed", type=int, help="random seed, for reproducible answers")
+parser.add_argument("--seed", type=int,
+                    help="an answer is a function of (checkpoint, prompt, seed, sampling flags)")
 parser.add_argument("--batch_size", type=int, default=8,
                     help="prompts decoded at once (%(default)s)")
 parser.add_argument("--compile", action="store_true",
@@ -191,8 +193,6 @@ else:
 if args.compile and device == "cpu":  # the weights never change here: inductor folds them in
     import torch._inductor.config  # a second of imports: only when compiling
     torch._inductor.config.freezing = True
-if args.seed is not None:
-    torch.manual_seed(args.seed)
 try:
     tokenizer = Tokenizer(tokenizer_file)
 except (OSError, RuntimeError) as e:
@@ -221,6 +221,19 @@ sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature
 
 # -----------------------------------------------------------------------------
 # talk
+
+def generators(prompts: list):
+    """With --seed, a generator for each prompt seeded by (seed, prompt): its answer is the same in
+    any batch, at any place in the file, resumed or not. Without, the global one."""
+    if args.seed is None:
+        return None
+    seeded = []
+    for prompt in prompts:
+        digest = hashlib.sha256(f"{args.seed}\n{prompt}".encode("utf-8", "surrogatepass")).digest()
+        seed = int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes a signed 64-bit int
+        seeded.append(torch.Generator(device).manual_seed(seed))
+    return seeded
+
 
 def read_messages():
     """The chat's messages as typed, until Ctrl-D."""
@@ -254,18 +267,18 @@ def chat(messages):
             turns = turns[2:]  # drop the oldest exchange; the rest is prefilled again
             cached = 0
         ids = [tokenizer.bos_id] + sum(turns, [])
-        answer = stream_answer(ids[cached:], cache, cached)  # the cache is fed what it lacks
+        answer = stream_answer(ids[cached:], cache, cached, message)  # fed what it lacks
         cached = len(ids) + len(answer) - 1  # generate does not feed the last token it yields
         if answer[-1] != tokenizer.eot_id:
             answer = answer + [tokenizer.eot_id]
         turns.append(answer)
 
 
-def stream_answer(ids: list, cache: dict, start_pos: int) -> list:
+def stream_answer(ids: list, cache: dict, start_pos: int, message: str) -> list:
     """Print the answer to ids as it is decoded; returns its tokens (EOT included if reached)."""
     answer, shown = [], ""
     for tokens in generate(model, [ids], tokenizer.eot_id, cache=cache, start_pos=start_pos,
-                           **sampling):
+                           generator=generators([message]), **sampling):
         token = tokens.item()
         if token < 0:  # the answer has ended
             break
@@ -277,18 +290,19 @@ def stream_answer(ids: list, cache: dict, start_pos: int) -> list:
     return answer
 
 
-def decode_batch(prompts: list, bar) -> list:
-    """Rows of tokens (-1 once an answer has ended) for a batch of prompts; the bar moves as
-    answers end, read every 16 steps (a host read, which stalls a GPU's queue)."""
+def decode_batch(prompt_ids: list, texts: list, bar) -> list:
+    """Rows of tokens (-1 once an answer has ended) for a batch of prompts, given as ids and as
+    text; the bar moves as answers end, read every 16 steps (a host read stalls a GPU's queue)."""
     columns, n_ended = [], 0
-    for k, tokens in enumerate(generate(model, prompts, tokenizer.eot_id, **sampling)):
+    steps = generate(model, prompt_ids, tokenizer.eot_id, generator=generators(texts), **sampling)
+    for k, tokens in enumerate(steps):
         columns.append(tokens)
         if k % 16 == 15:
             so_far = torch.stack(columns, 1)
             ended = ((so_far == -1) | (so_far == tokenizer.eot_id)).any(1).sum().item()
             bar.update(ended - n_ended)
             n_ended = ended
-    bar.update(len(prompts) - n_ended)
+    bar.update(len(prompt_ids) - n_ended)
     return torch.stack(columns, 1).tolist()
 
 
@@ -298,7 +312,8 @@ def answer_file(f):
     with tqdm(total=len(todo), unit="prompt") as bar:
         for b in range(0, len(todo), args.batch_size):
             batch = todo[b : b + args.batch_size]
-            rows = decode_batch(encoded[b : b + args.batch_size], bar)
+            texts = [prompt for _, prompt in batch]
+            rows = decode_batch(encoded[b : b + args.batch_size], texts, bar)
             lines = []
             for (_, prompt), row in zip(batch, rows):
                 answer = [t for t in row if t not in (-1, tokenizer.eot_id)]

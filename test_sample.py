@@ -561,3 +561,32 @@ def test_full_disk_leaves_whole_lines_and_the_rerun_continues(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"{len(rows)} prompts already answered, {80 - len(rows)} to go" in r.stderr
     assert [json.loads(line)["prompt"] for line in roomy.read_text().splitlines()] == prompts
+
+
+def test_seeded_answers_depend_on_the_prompt_alone(ckpt, tmp_path):
+    """With --seed, LIMA's sampling gives each prompt the same answer at batch size 1 and 8, at any place in the
+    file, and in a run interrupted and resumed; one prompt alone streams that answer too."""
+    prompts = ["Plan a trip.", "What about food in Kyoto in spring?", "Tea?", "How long is the train?",
+               "Day two", "A poem, please.", "Why?", "And the weather?", "Pack what?"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (tmp_path / "reversed.txt").write_text("\n".join(prompts[::-1]) + "\n")
+    flags = ["--ckpt", ckpt, "--seed", 7, "--max_new_tokens", 24]
+    answers = {}
+    for name, src, batch in (("b8", "prompts.txt", 8), ("b1", "prompts.txt", 1), ("rev", "reversed.txt", 3)):
+        r = sample("--prompts", tmp_path / src, "--output", tmp_path / f"{name}.jsonl", "--batch_size", batch, *flags)
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        answers[name] = {row["prompt"]: row["response"] for row in rows}
+    assert answers["b8"] == answers["b1"] == answers["rev"]
+    assert len(set(answers["b8"].values())) > 1  # sampled answers, not one constant
+    # interrupted after the first batch of 4: the resumed run answers the rest as the uninterrupted one did
+    whole = (tmp_path / "b8.jsonl").read_text().splitlines()
+    first4 = [line for line in whole if json.loads(line)["prompt"] in prompts[:4]]
+    (tmp_path / "resumed.jsonl").write_text("".join(line + "\n" for line in first4))
+    r = sample("--prompts", tmp_path / "prompts.txt", "--output", tmp_path / "resumed.jsonl", "--batch_size", 4,
+               *flags)
+    assert r.returncode == 0 and "4 prompts already answered, 5 to go" in r.stderr, r.stderr
+    resumed = [json.loads(line) for line in (tmp_path / "resumed.jsonl").read_text().splitlines()]
+    assert {row["prompt"]: row["response"] for row in resumed} == answers["b8"]
+    r = sample(prompts[2], *flags)
+    assert r.returncode == 0 and r.stdout == answers["b8"][prompts[2]] + "\n"
