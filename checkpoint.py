@@ -516,14 +516,19 @@ def save_epoch(out: Path, epoch: int, model, tokenizer, tokenizer_file: Path, sa
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    index = write_weights(tmp, model, model.args.head_dim, rank, world)
-    if rank != 0:
-        return
-    files = {**hf_files(model.args, tokenizer), "model.safetensors.index.json": index}
-    for name, obj in files.items():
-        (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    shutil.copy(tokenizer_file, tmp / "tokenizer.model")
-    (tmp / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
+    try:
+        index = write_weights(tmp, model, model.args.head_dim, rank, world)
+        if rank != 0:
+            return
+        files = {**hf_files(model.args, tokenizer), "model.safetensors.index.json": index}
+        for name, obj in files.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+        shutil.copy(tokenizer_file, tmp / "tokenizer.model")
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
+    except OSError as e:  # a full disk: the half-written epoch goes, what was there stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{tmp}: cannot write epoch {epoch} ({e.strerror}); everything in "
+                              f"{out} is as before it") from None
     swap_into_place(tmp, final)
 
 
@@ -642,7 +647,18 @@ def save_resume(out: Path, step: int, model, optimizer, run: dict, rank: int, wo
     rename), then removes the older states."""
     model_state, optim_state = get_state_dict(model, optimizer)
     tmp, final = out / "resume" / f".tmp_step_{step:06d}", out / "resume" / f"step_{step:06d}"
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    try:
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    except (OSError, dcp.CheckpointException) as e:  # a full disk, on this rank or another
+        if isinstance(e, dcp.CheckpointException):
+            e = next(iter(e.failures.values()))[0]
+        while e.__context__ is not None and not isinstance(e, OSError):  # torch.save's own error
+            e = e.__context__  # hides the OSError it met
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or repr(e)
+        raise CheckpointError(f"{tmp}: cannot write the resume state ({reason}); the last one in "
+                              f"{out / 'resume'} stays: free space and rerun with --resume") from None
     mine = sorted(tmp.glob(f"__{rank}_*.distcp"))  # DCP's names for rank r's files
     sums = gathered([(f.name, file_sha256(f)) for f in mine], world)
     if rank != 0:

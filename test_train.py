@@ -517,3 +517,26 @@ def test_a_run_killed_before_its_first_save_resumes_and_logs_each_step_once(toy_
     r = train(bad, tmp_path / "out", *SMALL)
     assert (r.returncode, r.stderr.strip()) == (1, f"error: {bad / 'train.pt'} is not prepare.py's output (ids, "
                                                    "mask and conversations); rerun prepare.py")
+
+
+def test_full_disk_while_saving_is_one_line_and_resumable(toy_data, tmp_path):
+    """--out on a 1 MiB tmpfs: the epoch (bf16) fits, the resume state (float32 weights and AdamW's moments)
+    does not. One line, no half-written state left; with room again, the same command with --resume continues."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        flags = [*SMALL, "--epochs", "1", "--batch_size", "16", "--save_epochs", "all"]
+        r = train(toy_data[0], out, *flags)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"error: {out / 'resume' / '.tmp_step_000003'}: cannot write the resume state (No space left on "
+            f"device); the last one in {out / 'resume'} stays: free space and rerun with --resume")
+        assert (out / "epoch_01" / "config.json").exists() and not list((out / "resume").iterdir())
+        subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)
+        r = train(toy_data[0], out, *flags, "--resume")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (out / "resume" / "step_000003" / "sha256.json").exists()
+    finally:
+        subprocess.run(["umount", str(out)])

@@ -497,11 +497,17 @@ for step in bar:
                     tqdm.write(f"epoch {epoch + 1}: answering {n_answers} dev prompts, then "
                                f"writing {out / f'epoch_{epoch + 1:02d}'}")
                 samples = answer_dev_prompts(epoch + 1, dev_loss)
-                save_epoch(out, epoch + 1, model, tokenizer, tokenizer_file, samples, rank,
-                           world)
+                try:
+                    save_epoch(out, epoch + 1, model, tokenizer, tokenizer_file, samples, rank,
+                               world)
+                except CheckpointError as e:
+                    sys.exit(f"error: {e}")
         model.train()
     if saving:  # weights, AdamW state and step; each rank writes its shards
-        save_resume(out, step + 1, model, optimizer, run, rank, world)
+        try:
+            save_resume(out, step + 1, model, optimizer, run, rank, world)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
 
 if master and end < total_steps:
     print(f"stopped after step {end} of {total_steps} (--steps); continue with --resume: "
