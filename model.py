@@ -238,48 +238,41 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # Sampling (LIMA §2: nucleus p=0.9, temperature 0.7, repetition penalty 1.2 on generated tokens)
 
-def keep_nucleus(sorted_probs, order, top_p: float, vocab_size: int):
-    """Zero the tokens ranked after the smallest prefix of sorted_probs whose mass reaches top_p,
-    and scatter the rest back to vocabulary order."""
-    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
-    kept = sorted_probs.masked_fill(before >= top_p, 0.0)
-    zeros = torch.zeros(*sorted_probs.shape[:-1], vocab_size, device=sorted_probs.device)
-    return zeros.scatter(-1, order, kept)
+FIXED = 2.0**60  # a probability as a whole number of 2^-60: sums of them are exact, in any order
+BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer type of each float's size
 
 
-def nucleus_by_sort(probs, top_p, vocab_size):
-    sorted_probs, order = probs.sort(-1, descending=True)
-    return keep_nucleus(sorted_probs, order, top_p, vocab_size)
-
-
-def nucleus_by_topk(top, order, top_p, vocab_size):
-    return keep_nucleus(top, order, top_p, vocab_size)
-
-
-def top_p_filter(probs, top_p: float, k: int = 64):
-    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p.
-    Only the k most likely are ranked when they reach it (nearly always at temperature 0.7): the
-    same result a full sort gives."""
+def top_p_filter(probs, top_p: float):
+    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p:
+    the tokens a sort of the vocabulary keeps, each with less than top_p above it (and of tokens
+    tied at the edge, as many as that allows). Found without sorting and without a branch on the
+    data, so that a decode step never waits for the host and a CUDA graph can hold it: the edge (the
+    least likely token kept) is found 10 bits at a time from the top, a radix select."""
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
-    vocab_size = probs.shape[-1]
-    top, order = probs.topk(min(k, vocab_size))
-    covered = (top.cumsum(-1)[..., -1] >= top_p).all()  # the full sort's running sum at rank k
-    if torch.compiler.is_compiling():  # no host sync in a graph
-        p = torch.tensor(top_p, device=probs.device)
-        operands = (top, order, probs, p)
-        return torch.cond(covered, nucleus_by_topk_cond, nucleus_by_sort_cond, operands)
-    if covered:
-        return nucleus_by_topk(top, order, top_p, vocab_size)
-    return nucleus_by_sort(probs, top_p, vocab_size)
-
-
-def nucleus_by_topk_cond(top, order, probs, p):  # torch.cond's branches take the same operands
-    return keep_nucleus(top, order, p, probs.shape[-1])
-
-
-def nucleus_by_sort_cond(top, order, probs, p):
-    return nucleus_by_sort(probs, p, probs.shape[-1])
+    ints = BITS[probs.element_size()]
+    bits = probs.view(ints).long()  # a float >= 0 orders as its bits do, read as an integer
+    mass = (probs * FIXED).long()  # exact for a float32 probability above 2^-37
+    limit = (torch.full((1, 1), top_p, device=probs.device) * FIXED).ceil().long()  # float32 top_p
+    edge = torch.zeros_like(bits[:, :1])  # the edge's bits found so far, the lower ones 0
+    width = 10  # three levels of 1,024 buckets for float32, whose top 2 bits are 0 below 2.0
+    for level in reversed(range(math.ceil((8 * probs.element_size() - 2) / width))):
+        shift = level * width
+        # bucket 0: the tokens below the range searched; 1 to 1,024: its next 10 bits; 1,025: above
+        bucket = ((bits - (edge - 2**shift)) >> shift).clamp(0, 2**width + 1)
+        hist = torch.zeros(len(probs), 2**width + 2, dtype=torch.long, device=probs.device)
+        hist = hist.scatter_add(-1, bucket, mass)
+        # the mass above each bucket's most likely token, falling from bucket to bucket: the edge's
+        # bucket is the first with less than top_p above it (bucket 0 has more, unless all is kept)
+        before = hist.sum(-1, keepdim=True) - hist.cumsum(-1)
+        b = (before >= limit).sum(-1, keepdim=True).clamp(min=1)
+        above = before.gather(-1, b)
+        edge = edge + ((b - 1) << shift)
+    # every token above the edge is kept, and of those tied at it as many as stay below the limit
+    mass_at_edge = (edge.to(ints).view(probs.dtype) * FIXED).long().clamp(min=1)
+    n_tied = (limit - above + mass_at_edge - 1) // mass_at_edge
+    tied = bits == edge
+    return probs * ((bits > edge) | (tied & (tied.cumsum(-1) <= n_tied)))
 
 
 def penalize(logits, seen, penalty: float):
