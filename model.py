@@ -250,8 +250,7 @@ def top_p_filter(probs, top_p: float):
     least likely token kept) is found 10 bits at a time from the top, a radix select."""
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
-    ints = BITS[probs.element_size()]
-    bits = probs.view(ints).long()  # a float >= 0 orders as its bits do, read as an integer
+    bits = probs.view(BITS[probs.element_size()])  # a float >= 0 orders as its bits do
     mass = (probs * FIXED).long()  # exact for a float32 probability above 2^-37
     limit = (torch.full((1, 1), top_p, device=probs.device) * FIXED).ceil().long()  # float32 top_p
     edge = torch.zeros_like(bits[:, :1])  # the edge's bits found so far, the lower ones 0
@@ -259,20 +258,20 @@ def top_p_filter(probs, top_p: float):
     for level in reversed(range(math.ceil((8 * probs.element_size() - 2) / width))):
         shift = level * width
         # bucket 0: the tokens below the range searched; 1 to 1,024: its next 10 bits; 1,025: above
-        bucket = ((bits - (edge - 2**shift)) >> shift).clamp(0, 2**width + 1)
+        bucket = ((bits - (edge - 2**shift)) >> shift).clamp_(0, 2**width + 1).long()
         hist = torch.zeros(len(probs), 2**width + 2, dtype=torch.long, device=probs.device)
-        hist = hist.scatter_add(-1, bucket, mass)
+        hist.scatter_add_(-1, bucket, mass)
         # the mass above each bucket's most likely token, falling from bucket to bucket: the edge's
         # bucket is the first with less than top_p above it (bucket 0 has more, unless all is kept)
         before = hist.sum(-1, keepdim=True) - hist.cumsum(-1)
-        b = (before >= limit).sum(-1, keepdim=True).clamp(min=1)
+        b = (before >= limit).sum(-1, keepdim=True).clamp_(min=1)
         above = before.gather(-1, b)
-        edge = edge + ((b - 1) << shift)
+        edge += ((b - 1) << shift).to(edge.dtype)
     # every token above the edge is kept, and of those tied at it as many as stay below the limit
-    mass_at_edge = (edge.to(ints).view(probs.dtype) * FIXED).long().clamp(min=1)
+    mass_at_edge = (edge.view(probs.dtype) * FIXED).long().clamp_(min=1)
     n_tied = (limit - above + mass_at_edge - 1) // mass_at_edge
     tied = bits == edge
-    return probs * ((bits > edge) | (tied & (tied.cumsum(-1) <= n_tied)))
+    return torch.where((bits > edge) | (tied & (tied.cumsum(-1) <= n_tied)), probs, 0.0)
 
 
 def penalize(logits, seen, penalty: float):

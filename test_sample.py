@@ -196,6 +196,24 @@ def test_top_p_equals_the_full_sort_peaked_or_flat():
     assert 0 < fallbacks < 20  # both kinds of distribution were met
 
 
+def test_top_p_sums_exactly():
+    """The nucleus of float32 probabilities as exact arithmetic has it (a float64 running sum over
+    the sorted vocabulary, against top_p as float32), where a float32 running sum may round across
+    top_p. Compared as sorted values: of tokens tied at the edge, the sort and the radix select may
+    keep different ones."""
+    torch.manual_seed(0)
+    rounded = 0
+    for scale in [0.5, 2, 4]:
+        probs = torch.softmax(scale * torch.randn(64, 32001), -1)
+        for p in [0.5, 0.9, 0.99]:
+            p32 = torch.tensor(p).item()  # the float32 nearest p, as a Python float
+            want = full_sort_top_p(probs.double(), p32).float()
+            got = top_p_filter(probs, p)
+            assert torch.equal(got.sort(-1).values, want.sort(-1).values), (scale, p)
+            rounded += ((want > 0).sum(-1) != (full_sort_top_p(probs, p) > 0).sum(-1)).sum().item()
+    assert 0 < rounded < 10  # rows whose float32 running sum rounds across top_p: a few
+
+
 @pytest.mark.parametrize("scale", [1.0, 6.0])  # a nucleus of more than 64 tokens, and of fewer
 def test_sampled_tokens_follow_the_filtered_distribution(scale):
     torch.manual_seed(0)
