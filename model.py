@@ -299,9 +299,10 @@ def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penal
 
 
 def compile_step(step, cache, device):
-    """The decode step through torch.compile: on CUDA a CUDA graph, on a CPU inductor's GEMMs
-    (prepacked where sample.py froze the weights). The cache's positions are dynamic: one graph
-    serves every cache length."""
+    """The decode step through torch.compile: on CUDA a CUDA graph (mode="reduce-overhead"; the
+    sampler has no branch on the data, for which inductor would skip it: test_sample.py checks on
+    a GPU), on a CPU inductor's GEMMs (prepacked where sample.py froze the weights). The cache's
+    positions are dynamic: one graph serves every cache length."""
     for t in [*cache["k"], *cache["v"]]:
         torch._dynamo.mark_dynamic(t, 2)  # (B, heads, positions, head_dim)
     for t in (cache["cos"], cache["sin"]):
@@ -364,6 +365,7 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
         yield nxt
         seen.scatter_(1, nxt.clamp(min=0)[:, None], True)  # a finished row's is never read
         done |= (nxt == stop_id) | (k + 1 >= limits)
-        # reading done stalls a GPU's queue, so there only every 16 steps; on a CPU it costs nothing
+        # reading done stalls a GPU's queue (the loop's only read: the sampler reads nothing back),
+        # so there only every 16 steps; on a CPU it costs nothing
         if (device.type == "cpu" or k % 16 == 15) and done.all():
             break
