@@ -239,7 +239,7 @@ class Tokenizer:
 # Sampling (LIMA §2: nucleus p=0.9, temperature 0.7, repetition penalty 1.2 on generated tokens)
 
 FIXED = 2.0**60  # a probability as a whole number of 2^-60: sums of them are exact, in any order
-BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer type of each float's size
+BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # an integer of each float's size
 
 
 def top_p_filter(probs, top_p: float):
@@ -247,23 +247,26 @@ def top_p_filter(probs, top_p: float):
     the tokens a sort of the vocabulary keeps, each with less than top_p above it (and of tokens
     tied at the edge, as many as that allows). Found without sorting and without a branch on the
     data, so that a decode step never waits for the host and a CUDA graph can hold it: the edge (the
-    least likely token kept) is found 10 bits at a time from the top, a radix select."""
+    least likely token kept) is found a few bits at a time from the top, a radix select."""
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
-    bits = probs.view(BITS[probs.element_size()])  # a float >= 0 orders as its bits do
+    bits = probs.view(BITS[probs.dtype])  # a float >= 0 orders as its bits do, read as an integer
     mass = (probs * FIXED).long()  # exact for a float32 probability above 2^-37
     limit = (torch.full((1, 1), top_p, device=probs.device) * FIXED).ceil().long()  # float32 top_p
     edge = torch.zeros_like(bits[:, :1])  # the edge's bits found so far, the lower ones 0
-    width = 10  # three levels of 1,024 buckets for float32, whose top 2 bits are 0 below 2.0
+    # buckets no more than twice the vocabulary's size, at most 2^15: for LLaMA's 32,000 tokens
+    # two levels of float32's 30 bits (the top 2 are 0 below 2.0)
+    width = min(15, (probs.shape[-1] - 1).bit_length())
     for level in reversed(range(math.ceil((8 * probs.element_size() - 2) / width))):
         shift = level * width
-        # bucket 0: the tokens below the range searched; 1 to 1,024: its next 10 bits; 1,025: above
+        # bucket 0: the tokens below the range searched; then one per value of its next bits; above
         bucket = ((bits - (edge - 2**shift)) >> shift).clamp_(0, 2**width + 1).long()
         hist = torch.zeros(len(probs), 2**width + 2, dtype=torch.long, device=probs.device)
         hist.scatter_add_(-1, bucket, mass)
         # the mass above each bucket's most likely token, falling from bucket to bucket: the edge's
         # bucket is the first with less than top_p above it (bucket 0 has more, unless all is kept)
-        before = hist.sum(-1, keepdim=True) - hist.cumsum(-1)
+        at_or_below = hist.cumsum(-1)
+        before = at_or_below[:, -1:] - at_or_below
         b = (before >= limit).sum(-1, keepdim=True).clamp_(min=1)
         above = before.gather(-1, b)
         edge += ((b - 1) << shift).to(edge.dtype)
