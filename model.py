@@ -243,11 +243,12 @@ BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # an integer of
 
 
 def top_p_filter(probs, top_p: float):
-    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p:
-    the tokens a sort of the vocabulary keeps, each with less than top_p above it (and of tokens
-    tied at the edge, as many as that allows). Found without sorting and without a branch on the
-    data, so that a decode step never waits for the host and a CUDA graph can hold it: the edge (the
-    least likely token kept) is found a few bits at a time from the top, a radix select."""
+    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p in
+    each row of probs (B, vocab): the tokens a sort of the vocabulary keeps, each with less than
+    top_p above it (and of tokens tied at the edge, as many as that allows). Found without sorting
+    and without a branch on the data, so that a decode step never waits for the host and a CUDA
+    graph can hold it: the edge (the least likely token kept) is found a few bits at a time from
+    the top, a radix select."""
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
     bits = probs.view(BITS[probs.dtype])  # a float >= 0 orders as its bits do, read as an integer
@@ -256,7 +257,7 @@ def top_p_filter(probs, top_p: float):
     edge = torch.zeros_like(bits[:, :1])  # the edge's bits found so far, the lower ones 0
     # buckets no more than twice the vocabulary's size, at most 2^15: for LLaMA's 32,000 tokens
     # two levels of float32's 30 bits (the top 2 are 0 below 2.0)
-    width = min(15, (probs.shape[-1] - 1).bit_length())
+    width = max(1, min(15, (probs.shape[-1] - 1).bit_length()))
     for level in reversed(range(math.ceil((8 * probs.element_size() - 2) / width))):
         shift = level * width
         # bucket 0: the tokens below the range searched; then one per value of its next bits; above

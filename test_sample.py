@@ -350,7 +350,7 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_sampling_reads_nothing_on_the_host():
+def test_sample_token_reads_nothing_on_the_host():
     """LIMA's sampling never reads a value back, for a nucleus of thousands of tokens or of a few;
     eager decoding reads one a step, generate's check that every row has ended (every step on a CPU,
     every 16th on a GPU), and nothing in the model's forward or the sampler."""
