@@ -238,49 +238,44 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # Sampling (LIMA §2: nucleus p=0.9, temperature 0.7, repetition penalty 1.2 on generated tokens)
 
-def keep_nucleus(sorted_probs, order, top_p: float, vocab_size: int):
-    """Zero the tokens ranked after the smallest prefix of sorted_probs whose mass reaches top_p,
-    and scatter the rest back to vocabulary order."""
-    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
-    kept = sorted_probs.masked_fill(before >= top_p, 0.0)
-    shape = (*sorted_probs.shape[:-1], vocab_size)
-    zeros = sorted_probs.new_zeros(shape)
-    return zeros.scatter(-1, order, kept)
+FIXED = 2.0**60  # a probability as a whole number of 2^-60: sums of them are exact, in any order
+BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # an integer of each float's size
 
 
-def nucleus_by_sort(probs, top_p, vocab_size):
-    sorted_probs, order = probs.sort(-1, descending=True)
-    return keep_nucleus(sorted_probs, order, top_p, vocab_size)
-
-
-def nucleus_by_topk(top, order, top_p, vocab_size):
-    return keep_nucleus(top, order, top_p, vocab_size)
-
-
-def top_p_filter(probs, top_p: float, k: int = 64):
-    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p.
-    Only the k most likely are ranked when they reach it (nearly always at temperature 0.7): the
-    same result a full sort gives."""
+def top_p_filter(probs, top_p: float):
+    """Zero all but the smallest set of most likely tokens whose total probability reaches top_p in
+    each row of probs (B, vocab): the tokens a sort of the vocabulary keeps, each with less than
+    top_p above it (and of tokens tied at the edge, as many as that allows). Found without sorting
+    and without a branch on the data, so that a decode step never waits for the host and a CUDA
+    graph can hold it: the edge (the least likely token kept) is found a few bits at a time from
+    the top, a radix select."""
     if top_p >= 1:  # keep all: a float32 running sum can reach 1.0 before the last tokens
         return probs
-    vocab_size = probs.shape[-1]
-    top, order = probs.topk(min(k, vocab_size))
-    covered = (top.cumsum(-1)[..., -1] >= top_p).all()  # the full sort's running sum at rank k
-    if torch.compiler.is_compiling():  # no host sync in a graph
-        p = torch.tensor(top_p, device=probs.device)
-        operands = (top, order, probs, p)
-        return torch.cond(covered, nucleus_by_topk_cond, nucleus_by_sort_cond, operands)
-    if covered:
-        return nucleus_by_topk(top, order, top_p, vocab_size)
-    return nucleus_by_sort(probs, top_p, vocab_size)
-
-
-def nucleus_by_topk_cond(top, order, probs, p):  # torch.cond's branches take the same operands
-    return keep_nucleus(top, order, p, probs.shape[-1])
-
-
-def nucleus_by_sort_cond(top, order, probs, p):
-    return nucleus_by_sort(probs, p, probs.shape[-1])
+    bits = probs.view(BITS[probs.dtype])  # a float >= 0 orders as its bits do, read as an integer
+    mass = (probs * FIXED).long()  # exact for a float32 probability above 2^-37
+    limit = (torch.full((1, 1), top_p, device=probs.device) * FIXED).ceil().long()  # float32 top_p
+    edge = torch.zeros_like(bits[:, :1])  # the edge's bits found so far, the lower ones 0
+    # buckets no more than twice the vocabulary's size, at most 2^15: for LLaMA's 32,000 tokens
+    # two levels of float32's 30 bits (the top 2 are 0 below 2.0)
+    width = max(1, min(15, (probs.shape[-1] - 1).bit_length()))
+    for level in reversed(range(math.ceil((8 * probs.element_size() - 2) / width))):
+        shift = level * width
+        # bucket 0: the tokens below the range searched; then one per value of its next bits; above
+        bucket = ((bits - (edge - 2**shift)) >> shift).clamp_(0, 2**width + 1).long()
+        hist = torch.zeros(len(probs), 2**width + 2, dtype=torch.long, device=probs.device)
+        hist.scatter_add_(-1, bucket, mass)
+        # the mass above each bucket's most likely token, falling from bucket to bucket: the edge's
+        # bucket is the first with less than top_p above it (bucket 0 has more, unless all is kept)
+        at_or_below = hist.cumsum(-1)
+        before = at_or_below[:, -1:] - at_or_below
+        b = (before >= limit).sum(-1, keepdim=True).clamp_(min=1)
+        above = before.gather(-1, b)
+        edge += ((b - 1) << shift).to(edge.dtype)
+    # every token above the edge is kept, and of those tied at it as many as stay below the limit
+    mass_at_edge = (edge.view(probs.dtype) * FIXED).long().clamp_(min=1)
+    n_tied = (limit - above + mass_at_edge - 1) // mass_at_edge
+    tied = bits == edge
+    return torch.where((bits > edge) | (tied & (tied.cumsum(-1) <= n_tied)), probs, 0.0)
 
 
 def penalize(logits, seen, penalty: float):
@@ -308,9 +303,10 @@ def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penal
 
 
 def compile_step(step, cache, device):
-    """The decode step through torch.compile: on CUDA a CUDA graph, on a CPU inductor's GEMMs
-    (prepacked where sample.py froze the weights). The cache's positions are dynamic: one graph
-    serves every cache length."""
+    """The decode step through torch.compile: on CUDA a CUDA graph (mode="reduce-overhead"; the
+    sampler has no branch on the data, for which inductor would skip it: test_sample.py checks on
+    a GPU), on a CPU inductor's GEMMs (prepacked where sample.py froze the weights). The cache's
+    positions are dynamic: one graph serves every cache length."""
     for t in [*cache["k"], *cache["v"]]:
         torch._dynamo.mark_dynamic(t, 2)  # (B, heads, positions, head_dim)
     for t in (cache["cos"], cache["sin"]):
@@ -377,6 +373,7 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
         yield nxt
         seen.scatter_(1, nxt.clamp(min=0)[:, None], True)  # a finished row's is never read
         done |= (nxt == stop_id) | (k + 1 >= limits)
-        # reading done stalls a GPU's queue, so there only every 16 steps; on a CPU it costs nothing
+        # reading done stalls a GPU's queue (the loop's only read: the sampler reads nothing back),
+        # so there only every 16 steps; on a CPU it costs nothing
         if (device.type == "cpu" or k % 16 == 15) and done.all():
             break

@@ -6,10 +6,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoint import load_model
 from model import ModelArgs, Tokenizer, Transformer, generate, penalize, sample_token, top_p_filter
@@ -182,9 +184,9 @@ def full_sort_top_p(probs, top_p):
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def test_top_k_shortcut_equals_the_full_sort():
-    """Ranking only the 64 most likely tokens gives exactly the full sort's nucleus when they hold top_p, and
-    the full sort is taken when they do not."""
+def test_top_p_equals_the_full_sort_peaked_or_flat():
+    """The radix select keeps exactly the full sort's nucleus, whether the 64 most likely tokens
+    hold top_p (peaked distributions, nearly always at temperature 0.7) or not (flat ones)."""
     torch.manual_seed(0)
     fallbacks = 0
     for scale in [0.5, 2, 4, 8, 16]:  # from nearly flat to peaked
@@ -192,10 +194,28 @@ def test_top_k_shortcut_equals_the_full_sort():
         for p in [0.1, 0.5, 0.9, 0.99]:
             fallbacks += (probs.topk(64).values.sum(-1) < p).any().item()
             assert torch.equal(top_p_filter(probs, p), full_sort_top_p(probs, p)), (scale, p)
-    assert 0 < fallbacks < 20  # both branches were taken
+    assert 0 < fallbacks < 20  # both kinds of distribution were met
 
 
-@pytest.mark.parametrize("scale", [1.0, 6.0])  # the nucleus beyond the top 64 (full sort), and within it
+def test_top_p_sums_exactly():
+    """The nucleus of float32 probabilities as exact arithmetic has it (a float64 running sum over
+    the sorted vocabulary, against top_p as float32), where a float32 running sum may round across
+    top_p. Compared as sorted values: of tokens tied at the edge, the sort and the radix select may
+    keep different ones."""
+    torch.manual_seed(0)
+    rounded = 0
+    for scale in [0.5, 2, 4]:
+        probs = torch.softmax(scale * torch.randn(64, 32001), -1)
+        for p in [0.5, 0.9, 0.99]:
+            p32 = torch.tensor(p).item()  # the float32 nearest p, as a Python float
+            want = full_sort_top_p(probs.double(), p32).float()
+            got = top_p_filter(probs, p)
+            assert torch.equal(got.sort(-1).values, want.sort(-1).values), (scale, p)
+            rounded += ((want > 0).sum(-1) != (full_sort_top_p(probs, p) > 0).sum(-1)).sum().item()
+    assert 0 < rounded < 10  # rows whose float32 running sum rounds across top_p: a few
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])  # a nucleus of more than 64 tokens, and of fewer
 def test_sampled_tokens_follow_the_filtered_distribution(scale):
     torch.manual_seed(0)
     logits = scale * torch.randn(1, 300)
@@ -213,10 +233,9 @@ def test_sampled_tokens_follow_the_filtered_distribution(scale):
 
 
 def test_compiled_decode_step_is_one_graph_and_decodes_the_same(monkeypatch):
-    """generate(compile=True) traces the decode step whole (fullgraph: the nucleus branch included) and
-    yields the same tokens as eager, greedy and sampled (with this model, LIMA's sampling ranks only the top
-    64 tokens; at temperature 1.5 and top_p 0.98 it sorts them all). The graph runs on dynamo's eager
-    backend: a fast test."""
+    """generate(compile=True) traces the decode step whole (fullgraph) and yields the same tokens as
+    eager, greedy and sampled (with this model, LIMA's sampling keeps a few tokens; at temperature
+    1.5 and top_p 0.98 most of them). The graph runs on dynamo's eager backend: a fast test."""
     model = tiny_model(vocab=100)
     prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6, 7]]
     settings = [dict(temperature=0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.5, top_p=0.98)]
@@ -246,6 +265,109 @@ def test_compiled_with_frozen_weights_reads_each_calls_own_cache(monkeypatch):
     counters.clear()
     assert [run_generate(model, b, 6, temperature=0, compile=True) for b in batches] == eager
     assert counters["stats"]["unique_graphs"] == 1  # the third batch's shorter cache reuses the graph too
+
+
+class InductorKeepingGraphs:
+    """A torch.compile backend: inductor, keeping each FX graph that dynamo hands it."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+
+def test_compiled_lima_sampling_is_one_inductor_graph_without_cond(monkeypatch):
+    """generate(compile=True) with LIMA's sampling (temperature 0.7, top_p 0.9, penalty 1.2) under
+    inductor: dynamo hands it one graph, with no graph break and no control flow (a torch.cond,
+    which inductor would lower to a host `if pred.item():` and for which it gives up CUDA graphs),
+    and it decodes as eager does."""
+    backend = InductorKeepingGraphs()
+    compiled = torch.compile  # compile_step's mode (max-autotune) is inductor's: the backend's here
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, mode=None, **kw: compiled(fn, backend=backend, **kw))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    model = tiny_model(vocab=100)
+    prompts = [[1, 5, 9], [1, 2, 3, 4, 5, 6, 7]]
+    eager = run_generate(model, prompts, 8, generator=torch.Generator().manual_seed(0))
+    got = run_generate(model, prompts, 8, generator=torch.Generator().manual_seed(0), compile=True)
+    assert got == eager
+    assert len(backend.graphs) == 1 and counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    targets = [n.target for n in backend.graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.searchsorted in targets  # the sampler is in the graph
+    assert torch.ops.higher_order.cond not in targets
+    assert not any(isinstance(t, torch._ops.HigherOrderOperator) for t in targets)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sampling_never_syncs_and_the_compiled_step_keeps_its_cuda_graph():
+    """On a GPU: LIMA's sampling queues its kernels without waiting for them (torch.cuda's sync
+    debug mode raises at any host sync), and generate(compile=True), inductor with
+    mode="reduce-overhead" (compile_step), keeps its CUDA graph: inductor counts no skip."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 32001, device="cuda")
+    seen = torch.zeros(4, 32001, dtype=torch.bool, device="cuda")
+    seen[:, :10] = True
+    sample_token(logits, seen)  # the first calls may load kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for scale in [0.5, 8.0]:  # a nucleus of thousands of tokens, and of a few
+            sample_token(scale * logits, seen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    model = tiny_model(vocab=100).cuda()
+    answers = run_generate(model, [[1, 5, 9], [1, 2, 3, 4, 5, 6, 7]], 20, compile=True,
+                           generator=torch.Generator("cuda").manual_seed(0))
+    assert [len(a) for a in answers] == [20, 20]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0, "a cudagraph skip: see the log's reason"
+
+
+MODEL_PY = str(ROOT / "model.py")
+
+
+class HostReads(TorchDispatchMode):
+    """Each read of a tensor's value by the host: .item(), bool(t) and int(t) all call
+    aten._local_scalar_dense, which on a GPU waits for every kernel queued before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []  # (function, source line) in model.py
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frames = [f for f in traceback.extract_stack() if f.filename == MODEL_PY]
+            self.reads.append((frames[-1].name, frames[-1].line) if frames else ("elsewhere", ""))
+        return func(*args, **(kwargs or {}))
+
+
+def test_sample_token_reads_nothing_on_the_host():
+    """LIMA's sampling never reads a value back, for a nucleus of thousands of tokens or of a few;
+    eager decoding reads one a step, generate's check that every row has ended (every step on a CPU,
+    every 16th on a GPU), and nothing in the model's forward or the sampler."""
+    torch.manual_seed(0)
+    seen = torch.zeros(4, 32001, dtype=torch.bool)
+    seen[:, :10] = True
+    with HostReads() as host:
+        for scale in [0.5, 8.0]:
+            sample_token(scale * torch.randn(4, 32001), seen)
+            sample_token(scale * torch.randn(4, 32001), seen, temperature=1.5, top_p=0.98)
+    assert host.reads == []
+    model = tiny_model(vocab=100)
+    with HostReads() as host:
+        steps = sum(1 for _ in generate(model, [[1, 5, 9], [1, 2]], NEVER, 12))
+    assert steps == 12 and len(host.reads) == 12
+    assert all(name == "generate" and "done.all()" in line for name, line in host.reads), host.reads
 
 
 # -----------------------------------------------------------------------------
