@@ -657,8 +657,9 @@ def save_resume(out: Path, step: int, model, optimizer, run: dict, rank: int, wo
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(e, "strerror", None) or repr(e)
-        raise CheckpointError(f"{tmp}: cannot write the resume state ({reason}); the last one in "
-                              f"{out / 'resume'} stays: free space and rerun with --resume") from None
+        message = (f"{tmp}: cannot write the resume state ({reason}); the last one in "
+                   f"{out / 'resume'} stays: free space and rerun with --resume")
+        raise CheckpointError(message) from None
     mine = sorted(tmp.glob(f"__{rank}_*.distcp"))  # DCP's names for rank r's files
     sums = gathered([(f.name, file_sha256(f)) for f in mine], world)
     if rank != 0:
