@@ -698,7 +698,7 @@ def trim_log(out: Path, step: int, steps_per_epoch: int):
             continue
         if "step" in row and row["step"] > step:
             continue
-        if "dev_loss" in row and "step" not in row and row["epoch"] * steps_per_epoch > step:
+        if "dev_loss" in row and row["epoch"] * steps_per_epoch > step:  # an epoch's end
             continue
         kept.append(line + "\n")
     tmp = out / ".log.jsonl.tmp"

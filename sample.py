@@ -294,14 +294,15 @@ def decode_batch(prompt_ids: list, texts: list, bar) -> list:
     """Rows of tokens (-1 once an answer has ended) for a batch of prompts, given as ids and as
     text; the bar moves as answers end, read every 16 steps (a host read stalls a GPU's queue)."""
     columns, n_ended = [], 0
+    ended = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
     steps = generate(model, prompt_ids, tokenizer.eot_id, generator=generators(texts), **sampling)
     for k, tokens in enumerate(steps):
         columns.append(tokens)
-        if k % 16 == 15:
-            so_far = torch.stack(columns, 1)
-            ended = ((so_far == -1) | (so_far == tokenizer.eot_id)).any(1).sum().item()
-            bar.update(ended - n_ended)
-            n_ended = ended
+        ended |= (tokens == -1) | (tokens == tokenizer.eot_id)
+        if k % 16 == 15:  # one host read
+            n_now = int(ended.sum())
+            bar.update(n_now - n_ended)
+            n_ended = n_now
     bar.update(len(prompt_ids) - n_ended)
     return torch.stack(columns, 1).tolist()
 

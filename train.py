@@ -131,6 +131,16 @@ if distributed:
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend, timeout=timedelta(hours=1),
                             device_id=device if cuda else None)
+
+
+def all_sum(*values) -> list:
+    """Each value summed over all ranks, on every rank."""
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
 bf16 = (args.dtype or ("bfloat16" if cuda else "float32")) == "bfloat16"  # bf16 on a CPU is slow
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process
@@ -150,13 +160,11 @@ if distributed and world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
         token_file.write_text(token[0])
     dist.broadcast_object_list(token, src=0)
     sees_it = token_file.is_file() and token_file.read_text() == token[0]
-    n_blind = torch.tensor(0 if sees_it else 1, device=device)
-    dist.all_reduce(n_blind)
-    dist.barrier()
+    n_blind = int(all_sum(not sees_it)[0])  # once every rank has looked
     if master:
         token_file.unlink()
-    if n_blind.item():
-        sys.exit(f"error: --out {out}: {n_blind.item()} of {world} ranks do not see rank 0's "
+    if n_blind:
+        sys.exit(f"error: --out {out}: {n_blind} of {world} ranks do not see rank 0's "
                  "files there: on several nodes --out must be on a filesystem every node shares")
 if args.resume and resume_dir is None and not (out / "log.jsonl").exists():
     sys.exit(f"error: --resume: nothing saved in {out / 'resume'}")
@@ -335,13 +343,6 @@ def micro_losses(d, idx):
                                    y.to(device).flatten(), ignore_index=-1, reduction="sum")
         padded = x.numel() - sum(len(d["ids"][i]) - 1 for i in micro) if micro else 0
         yield loss, padded
-
-
-def all_sum(*values) -> list:
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(totals)
-    return totals.tolist()
 
 
 def answer_dev_prompts(epoch: int, dev_loss) -> list:
