@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pickle
 
@@ -540,3 +541,37 @@ def test_full_disk_while_saving_is_one_line_and_resumable(toy_data, tmp_path):
         assert (out / "resume" / "step_000003" / "sha256.json").exists()
     finally:
         subprocess.run(["umount", str(out)])
+
+
+ONE_FULL_DISK = """import errno, os, runpy, sys
+sys.path.insert(0, ".")  # the repository, where train.py runs
+real_fsync = os.fsync
+def fsync(fd):  # rank 1's disk alone is full
+    if os.environ["RANK"] == "1":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_fsync(fd)
+os.fsync = fsync
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_under_torchrun_a_refusal_is_said_once_and_one_ranks_failure_stops_all(toy_data, tmp_path):
+    """Every rank meets a bad flag (before torch loads) or a missing --data (after the processes
+    start): rank 0 says it once and torchrun stops the others at once. A full disk on rank 1 alone,
+    while rank 0 waits for it at a barrier, is said by rank 1, and the run ends in seconds, not at
+    the barrier's 1 h timeout, with no epoch written."""
+    for flags, message in [(["--batch_size", "0"], "error: --batch_size 0: expected >= 1"),
+                           (["--data", tmp_path / "nowhere"], f"error: --data {tmp_path / 'nowhere'}: ")]:
+        r = train(toy_data[0], tmp_path / "out", *SMALL, *flags, nproc=3)
+        assert r.returncode != 0 and r.stderr.count(message) == 1, r.stderr[-2000:]
+        # the others, still waiting to say it, were stopped by torchrun (SIGTERM, in its report)
+        assert r.stderr.count("error:") == 1 and r.stderr.count("exitcode  : -15") == 2
+    (tmp_path / "one_full_disk.py").write_text(ONE_FULL_DISK)
+    start = time.monotonic()
+    r = train(toy_data[0], tmp_path / "out", *SMALL, "--epochs", "1", "--batch_size", "16", nproc=2,
+              script=tmp_path / "one_full_disk.py")
+    assert r.returncode != 0 and time.monotonic() - start < 120
+    assert r.stderr.count(f"error: {tmp_path / 'out' / '.tmp_epoch_01'}: cannot write epoch 1 (No space left "
+                          "on device)") == 1, r.stderr[-2000:]
+    assert not (tmp_path / "out" / "epoch_01").exists()

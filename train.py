@@ -21,6 +21,16 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
+
+def refuse(message: str):
+    """Stop with one line. Under torchrun every rank meets the same refusal at about the same time:
+    rank 0 says it, and torchrun, seeing rank 0 fail, stops the others while they wait. A failure
+    of one rank's own (its disk) is said by that rank when the wait is over."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        time.sleep(10)  # torchrun looks at its processes every 0.1 s (--monitor-interval)
+    sys.exit(f"error: {message}")
+
+
 # -----------------------------------------------------------------------------
 # flags, checked before torch loads (a bad value is refused at once). LIMA's recipe is filled in
 # below, once the model's size is known; these say what it will be
@@ -65,18 +75,18 @@ parser.add_argument("--n_heads", type=int, help="tiny only: the model's heads")
 args = parser.parse_args()
 
 if args.size not in (None, "tiny", "7B", "13B", "30B", "33B", "65B"):
-    sys.exit(f"error: --size {args.size}: expected 7B, 13B, 33B (or 30B), 65B or tiny; "
-             "another base model: --init DIR")
+    refuse(f"--size {args.size}: expected 7B, 13B, 33B (or 30B), 65B or tiny; "
+           "another base model: --init DIR")
 if args.size == "tiny" and args.init:
-    sys.exit("error: --size tiny is the demo from scratch: leave it out to fine-tune --init with "
-             "LIMA's recipe")
+    refuse("--size tiny is the demo from scratch: leave it out to fine-tune --init with "
+           "LIMA's recipe")
 if args.size not in (None, "tiny") and not args.init:
     args.init = f"llama/{args.size}"  # the README's layout
 if args.init and not Path(args.init).is_dir():
     hint = ""
     if args.size:
         hint = f" (--size {args.size} fine-tunes llama/{args.size} unless --init names another)"
-    sys.exit(f"error: --init {args.init}: no such directory{hint}")
+    refuse(f"--init {args.init}: no such directory{hint}")
 checks = [
     ("epochs", args.epochs is None or args.epochs >= 1, ">= 1"),
     ("act_ckpt", args.act_ckpt in (None, 0, 1), "0 or 1"),
@@ -89,7 +99,7 @@ checks = [
 ]
 for flag, ok, expected in checks:
     if not ok:
-        sys.exit(f"error: --{flag} {getattr(args, flag)}: expected {expected}")
+        refuse(f"--{flag} {getattr(args, flag)}: expected {expected}")
 save_epochs = set()  # besides the last epoch, always saved; "all" is filled in with the recipe
 try:
     if "-" in args.save_epochs:
@@ -98,8 +108,8 @@ try:
     elif args.save_epochs != "all":
         save_epochs = set(map(int, args.save_epochs.split(",")))
 except ValueError:
-    sys.exit(f"error: --save_epochs {args.save_epochs!r}: expected 'all', a range like 5-10 or a "
-             "list like 1,3,7")
+    refuse(f"--save_epochs {args.save_epochs!r}: expected 'all', a range like 5-10 or a "
+           "list like 1,3,7")
 
 import torch  # noqa: E402 (seconds to load: only once the flags are known to be good)
 import torch.distributed as dist  # noqa: E402
@@ -148,7 +158,7 @@ out = Path(args.out)
 try:  # refused now, and checked again under the lock before anything is written
     check_out_is_free(out, args.resume)
 except CheckpointError as e:
-    sys.exit(f"error: {e}")
+    refuse(str(e))
 resume_dir = latest_resume(out) if args.resume else None
 if distributed and world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
     # several nodes: every rank writes into --out (its epoch rows, its resume shards), so all must
@@ -164,10 +174,10 @@ if distributed and world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
     if master:
         token_file.unlink()
     if n_blind:
-        sys.exit(f"error: --out {out}: {n_blind} of {world} ranks do not see rank 0's "
-                 "files there: on several nodes --out must be on a filesystem every node shares")
+        refuse(f"--out {out}: {n_blind} of {world} ranks do not see rank 0's "
+               "files there: on several nodes --out must be on a filesystem every node shares")
 if args.resume and resume_dir is None and not (out / "log.jsonl").exists():
-    sys.exit(f"error: --resume: nothing saved in {out / 'resume'}")
+    refuse(f"--resume: nothing saved in {out / 'resume'}")
 if args.resume and resume_dir is None and master:  # killed before its first save: no dead end
     print(f"--resume: nothing saved in {out / 'resume'} yet: starting again from step 0 in {out} "
           "(its complete epochs stay until this run writes them anew)", file=sys.stderr)
@@ -181,8 +191,8 @@ def sha256(*files) -> str:
 # data: prepare.py's token ids and loss masks (true on the assistant's tokens and their EOT)
 data_dir = Path(args.data)
 if not data_dir.is_dir():
-    sys.exit(f"error: --data {data_dir}: no such directory (make it with: python prepare.py "
-             f"--out {data_dir})")
+    refuse(f"--data {data_dir}: no such directory (make it with: python prepare.py "
+           f"--out {data_dir})")
 tokenizer_file = data_dir / "tokenizer.model"
 try:
     tokenizer = Tokenizer(tokenizer_file)
@@ -191,18 +201,18 @@ try:
     dev = torch.load(data_dir / "dev.pt", weights_only=True)
     data_sha = sha256(data_dir / "train.pt", data_dir / "dev.pt")  # a resumed run needs the same
 except Exception as e:
-    sys.exit(f"error: --data {data_dir}: cannot read tokenizer.model, train.pt and dev.pt ({e}); "
-             "run prepare.py")
+    refuse(f"--data {data_dir}: cannot read tokenizer.model, train.pt and dev.pt ({e}); "
+           "run prepare.py")
 n_words = tokenizer.n_words
 for split, d in (("train", train), ("dev", dev)):
     if not isinstance(d, dict) or not {"ids", "mask", "conversations"} <= d.keys():
-        sys.exit(f"error: {data_dir / split}.pt is not prepare.py's output (ids, mask and "
-                 "conversations); rerun prepare.py")
+        refuse(f"{data_dir / split}.pt is not prepare.py's output (ids, mask and "
+               "conversations); rerun prepare.py")
     made_by = [d.get("n_words"), d.get("eot_id"), d.get("tokenizer_sha256")]
     out_of_vocabulary = any(x.max() >= n_words for x in d["ids"])
     if made_by != [n_words, n_words - 1, tokenizer_sha] or out_of_vocabulary:
-        sys.exit(f"error: {data_dir / split}.pt was not tokenized with {tokenizer_file} "
-                 f"({n_words} words, EOT {n_words - 1}); rerun prepare.py")
+        refuse(f"{data_dir / split}.pt was not tokenized with {tokenizer_file} "
+               f"({n_words} words, EOT {n_words - 1}); rerun prepare.py")
     d["ids"] = [x[: args.max_len] for x in d["ids"]]  # LIMA §3: texts trimmed
     d["mask"] = [m[: args.max_len] for m in d["mask"]]
 # a dialogue trimmed before its first answer has nothing to train on (a batch of only those: 0/0)
@@ -211,8 +221,8 @@ if master and len(keep) < len(train["ids"]):
     print(f"warning: {len(train['ids']) - len(keep)} dialogues have no answer token within "
           f"--max_len {args.max_len}; skipping them", file=sys.stderr)
 if not keep:
-    sys.exit(f"error: {data_dir / 'train.pt'}: no dialogue with an answer token within "
-             f"--max_len {args.max_len}")
+    refuse(f"{data_dir / 'train.pt'}: no dialogue with an answer token within "
+           f"--max_len {args.max_len}")
 for column in ("ids", "mask", "conversations"):
     train[column] = [train[column][i] for i in keep]
 
@@ -224,11 +234,11 @@ if master and args.init:
     init = Path(args.init)
     beside = [t for t in (init / "tokenizer.model", init.parent / "tokenizer.model") if t.is_file()]
     if beside and sha256(beside[0]) != tokenizer_sha:
-        sys.exit(f"error: {beside[0]} differs from {tokenizer_file}: prepare the data with it")
+        refuse(f"{beside[0]} differs from {tokenizer_file}: prepare the data with it")
     try:
         source = load_model(init, vocab_size=n_words)  # LIMA §2: adds EOT
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        refuse(str(e))
 elif master:
     torch.manual_seed(args.seed)
     shape = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads") if getattr(args, k)}
@@ -267,9 +277,9 @@ if args.size and args.init:
     llama = ModelArgs.from_size(args.size)
     if (model_args.dim, model_args.n_layers, model_args.n_heads) != (
             llama.dim, llama.n_layers, llama.n_heads):
-        sys.exit(f"error: --size {args.size}: {args.init} is not LLaMA-1 {args.size} (dim "
-                 f"{model_args.dim}, {model_args.n_layers} layers, {model_args.n_heads} heads, "
-                 f"{n_params / 1e9:.2f}B parameters); leave out --size to fine-tune it as it is")
+        refuse(f"--size {args.size}: {args.init} is not LLaMA-1 {args.size} (dim "
+               f"{model_args.dim}, {model_args.n_layers} layers, {model_args.n_heads} heads, "
+               f"{n_params / 1e9:.2f}B parameters); leave out --size to fine-tune it as it is")
 model_args.dropout = args.dropout
 # what a resume depends on (world size and micro-batching change nothing: see the loss below)
 run = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "weight_decay",
@@ -280,7 +290,7 @@ if resume_dir is not None:
     try:
         check_resume(resume_dir, run, data_dir)
     except CheckpointError as e:
-        sys.exit(f"error: --resume: {e}")
+        refuse(f"--resume: {e}")
 
 with torch.device("meta"):
     model = Transformer(model_args)
@@ -392,8 +402,8 @@ def weights_are_finite() -> bool:
 
 
 def stop_diverged(what: str, step: int, epoch: int):
-    sys.exit(f"error: non-finite {what} at step {step + 1} (epoch {epoch + 1}); stopped before "
-             f"saving it: everything in {out} is from before it")
+    refuse(f"non-finite {what} at step {step + 1} (epoch {epoch + 1}); stopped before "
+           f"saving it: everything in {out} is from before it")
 
 
 # -----------------------------------------------------------------------------
@@ -403,13 +413,13 @@ if master:  # rank 0 holds OUT/.lock while the run lives
         lock = lock_out(out)
         check_out_is_free(out, args.resume)
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        refuse(str(e))
 start = 0
 if resume_dir is not None:  # the step fixes data order, dropout and lr: weights and AdamW suffice
     try:
         load_resume(resume_dir, model, optimizer, rank, world)
     except CheckpointError as e:
-        sys.exit(f"error: --resume: {e}")
+        refuse(f"--resume: {e}")
     start = int(resume_dir.name.removeprefix("step_"))
     if master:
         trim_log(out, start, steps_per_epoch)
@@ -502,13 +512,13 @@ for step in bar:
                     save_epoch(out, epoch + 1, model, tokenizer, tokenizer_file, samples, rank,
                                world)
                 except CheckpointError as e:
-                    sys.exit(f"error: {e}")
+                    refuse(str(e))
         model.train()
     if saving:  # weights, AdamW state and step; each rank writes its shards
         try:
             save_resume(out, step + 1, model, optimizer, run, rank, world)
         except CheckpointError as e:
-            sys.exit(f"error: {e}")
+            refuse(str(e))
 
 if master and end < total_steps:
     print(f"stopped after step {end} of {total_steps} (--steps); continue with --resume: "
