@@ -184,7 +184,10 @@ if args.resume and resume_dir is None and master:  # killed before its first sav
 
 
 def sha256(*files) -> str:
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +235,8 @@ for column in ("ids", "mask", "conversations"):
 source = None
 if master and args.init:
     init = Path(args.init)
-    beside = [t for t in (init / "tokenizer.model", init.parent / "tokenizer.model") if t.is_file()]
+    candidates = (init / "tokenizer.model", init.parent / "tokenizer.model")
+    beside = [t for t in candidates if t.is_file()]
     if beside and sha256(beside[0]) != tokenizer_sha:
         refuse(f"{beside[0]} differs from {tokenizer_file}: prepare the data with it")
     try:
@@ -241,6 +245,7 @@ if master and args.init:
         refuse(str(e))
 elif master:
     torch.manual_seed(args.seed)
+    # the demo's model, in another shape where --dim, --n_layers or --n_heads say so
     shape = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads") if getattr(args, k)}
     tiny = ModelArgs.from_size("tiny", vocab_size=n_words, max_seq_len=args.max_len, **shape)
     source = Transformer(tiny)
@@ -285,7 +290,9 @@ model_args.dropout = args.dropout
 run = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "weight_decay",
                                      "beta1", "beta2", "seed", "max_len", "dropout")}
 run["dtype"] = "bfloat16" if bf16 else "float32"
-run = json.loads(json.dumps({**run, "data": data_sha, "model": vars(model_args)}))  # as it reads
+run["data"] = data_sha
+run["model"] = vars(model_args)
+run = json.loads(json.dumps(run))  # as run.json reads back: tuples become lists
 if resume_dir is not None:
     try:
         check_resume(resume_dir, run, data_dir)
@@ -315,9 +322,12 @@ source = None
 # the default (foreach) allocates a float32 temporary the size of the local shard in step(), 16 GB
 # a GPU for 65B on 16 GPUs
 params = list(model.parameters())
-groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=cuda)
+matrices = [p for p in params if p.dim() >= 2]  # the linear layers' weights and the embedding
+gains = [p for p in params if p.dim() < 2]  # RMSNorm's
+groups = [{"params": matrices, "weight_decay": args.weight_decay},
+          {"params": gains, "weight_decay": 0.0}]
+optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
+                              fused=cuda)
 steps_per_epoch = math.ceil(len(train["ids"]) / args.batch_size)
 total_steps = args.epochs * steps_per_epoch
 
@@ -339,7 +349,8 @@ def micro_losses(d, idx):
     mine = micros[rank::world]
     mine += [[]] * (math.ceil(len(micros) / world) - len(mine))  # [] for an idle rank
     for micro in mine:
-        T = max((len(d["ids"][i]) - 1 for i in micro), default=1)
+        lengths = [len(d["ids"][i]) - 1 for i in micro]  # inputs: all but the last token
+        T = max(lengths, default=1)
         x = torch.zeros(max(1, len(micro)), T, dtype=torch.long)
         y = torch.full_like(x, -1)  # -1: not a training target (prompt, padding)
         for row, i in enumerate(micro):
@@ -351,7 +362,7 @@ def micro_losses(d, idx):
         with autocast:
             loss = F.cross_entropy(model(x.to(device)).float().flatten(0, 1),
                                    y.to(device).flatten(), ignore_index=-1, reduction="sum")
-        padded = x.numel() - sum(len(d["ids"][i]) - 1 for i in micro) if micro else 0
+        padded = x.numel() - sum(lengths) if micro else 0
         yield loss, padded
 
 
@@ -397,8 +408,9 @@ def answer_dev_prompts(epoch: int, dev_loss) -> list:
 def weights_are_finite() -> bool:
     """On every rank: no NaN or inf in any rank's shard (one host sync)."""
     shards = [p.to_local() if isinstance(p, DTensor) else p for p in params]
-    bad = torch.stack([~torch.isfinite(shard).all() for shard in shards]).any()
-    return all_sum(bad.item())[0] == 0
+    finite = torch.stack([torch.isfinite(shard).all() for shard in shards]).all()
+    n_bad = all_sum(not finite.item())[0]
+    return n_bad == 0
 
 
 def stop_diverged(what: str, step: int, epoch: int):
@@ -434,7 +446,8 @@ if master:  # OUT/log.jsonl: one JSON object a line, the settings first, the rec
 
 # MFU per token: 6 FLOPs a matmul weight + 12 * layers * dim * T in attention over T tokens (PaLM,
 # app. B), against the GPU's dense bf16 peak; H100 SXM, PCIe and NVL differ
-n_matmul = sum(p.numel() for p in params) - model.tok_embeddings.weight.numel()  # a lookup
+# the embedding is a lookup, not a matmul
+n_matmul = sum(p.numel() for p in params) - model.tok_embeddings.weight.numel()
 gpu = torch.cuda.get_device_name().removeprefix("NVIDIA ") if cuda else ""
 PEAK_FLOPS = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
               "H200": 989e12, "H200 NVL": 835e12}
@@ -445,14 +458,17 @@ peak = args.peak_flops or PEAK_FLOPS.get(gpu, 312e12 if "A100" in gpu else None)
 end = min(total_steps, args.steps or total_steps)
 n_dev = sum(int(m[1:].sum()) for m in dev["mask"])  # supervised dev tokens
 desc = "train (LIMA's recipe)" if args.init else "train (tiny demo)"
-bar = tqdm(range(start, end), initial=start, total=total_steps, disable=not master, desc=desc)
+bar = tqdm(range(start, end), initial=start, total=total_steps, desc=desc,
+           disable=not master)  # rank 0's
 for step in bar:
     t0 = time.time()
     epoch, k = divmod(step, steps_per_epoch)
     shuffle = torch.Generator().manual_seed(args.seed + epoch)
     order = torch.randperm(len(train["ids"]), generator=shuffle)
-    batch = order[k * args.batch_size : (k + 1) * args.batch_size].tolist()
-    lr = args.lr + (args.min_lr - args.lr) * step / max(1, total_steps - 1)  # LIMA §3: linear
+    first = k * args.batch_size
+    batch = order[first : first + args.batch_size].tolist()
+    # LIMA §3: no warmup, linear from --lr at the first step to --min_lr at the last
+    lr = args.lr + (args.min_lr - args.lr) * step / max(1, total_steps - 1)
     for group in optimizer.param_groups:
         group["lr"] = lr
     # the loss is summed over supervised tokens and divided by their count in the whole global
@@ -460,10 +476,12 @@ for step in bar:
     # averages gradients over ranks
     n_target = sum(int(train["mask"][i][1:].sum()) for i in batch)
     torch.manual_seed(args.seed + step * world + rank)  # dropout: a resumed run draws the same
-    loss_sum, pad = torch.zeros((), device=device), 0
+    loss_sum = torch.zeros((), device=device)
+    pad = 0
     for loss, padded in micro_losses(train, batch):  # FSDP reduce-scatters each one's gradients
         (loss * world / n_target).backward()
-        loss_sum, pad = loss_sum + loss.detach(), pad + padded  # no host sync per micro-batch
+        loss_sum = loss_sum + loss.detach()  # no host sync per micro-batch
+        pad += padded
     loss_sum, pad = all_sum(loss_sum.item(), pad)
     if not math.isfinite(loss_sum):
         stop_diverged("loss", step, epoch)
@@ -471,9 +489,11 @@ for step in bar:
     optimizer.zero_grad(set_to_none=True)
 
     lengths = [len(train["ids"][i]) - 1 for i in batch]
-    tokens, seconds = sum(lengths), time.time() - t0
-    log = dict(step=step + 1, epoch=epoch + 1, loss=loss_sum / n_target, lr=lr, tokens=tokens,
-               pad=pad / (pad + tokens), tokens_per_s=round(tokens / seconds))
+    tokens = sum(lengths)
+    seconds = time.time() - t0
+    log = dict(step=step + 1, epoch=epoch + 1, loss=loss_sum / n_target, lr=lr,
+               tokens=tokens, pad=pad / (pad + tokens),
+               tokens_per_s=round(tokens / seconds))
     postfix = dict(loss=f"{log['loss']:.3f}", lr=f"{lr:.1e}", tok_s=log["tokens_per_s"])
     if peak:
         flops = sum(6 * n_matmul * t + 12 * model_args.n_layers * model_args.dim * t * t
@@ -495,7 +515,8 @@ for step in bar:
         model.eval()
         with torch.no_grad():
             dev_losses = micro_losses(dev, range(len(dev["ids"])))
-            dev_sum = all_sum(sum(loss.item() for loss, _ in dev_losses))[0]
+            my_sum = sum(loss.item() for loss, _ in dev_losses)
+            dev_sum = all_sum(my_sum)[0]
             dev_loss = dev_sum / n_dev if n_dev else None
             if dev_loss is not None and not math.isfinite(dev_loss):
                 stop_diverged("dev loss", step, epoch)
