@@ -342,12 +342,14 @@ def micro_losses(d, idx):
     Yields (summed loss, padded positions)."""
     micros = [[]]
     for i in sorted(idx, key=lambda i: -len(d["ids"][i])):
-        longest = len(d["ids"][micros[-1][0]]) if micros[-1] else 0
-        if (len(micros[-1]) + 1) * longest > args.tokens_per_micro:
+        current = micros[-1]
+        longest = len(d["ids"][current[0]]) if current else 0  # its first: sorted longest first
+        if (len(current) + 1) * longest > args.tokens_per_micro:
             micros.append([])
         micros[-1].append(i)
     mine = micros[rank::world]
-    mine += [[]] * (math.ceil(len(micros) / world) - len(mine))  # [] for an idle rank
+    n_each = math.ceil(len(micros) / world)
+    mine += [[]] * (n_each - len(mine))  # [] for an idle rank
     for micro in mine:
         lengths = [len(d["ids"][i]) - 1 for i in micro]  # inputs: all but the last token
         T = max(lengths, default=1)
@@ -377,7 +379,8 @@ def answer_dev_prompts(epoch: int, dev_loss) -> list:
     steps = iter(())
     if prompts:  # a bf16 cache under bf16 compute: 65B's float32 cache would take 5 MB a token
         length = min(model_args.max_seq_len, max(map(len, prompts)) + args.max_new_tokens)
-        cache = model.make_cache(len(prompts), length, dtype=torch.bfloat16 if bf16 else None)
+        cache_dtype = torch.bfloat16 if bf16 else None  # None: the weights' float32
+        cache = model.make_cache(len(prompts), length, dtype=cache_dtype)
         generator = torch.Generator(device).manual_seed(args.seed + epoch * world + rank)
         steps = generate(model, prompts, tokenizer.eot_id, args.max_new_tokens,
                          generator=generator, cache=cache)
