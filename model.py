@@ -62,14 +62,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()  # in float32: bf16 sums of squares lose too much precision
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        mean_square = x32.pow(2).mean(-1, keepdim=True)
+        normed = x32 * torch.rsqrt(mean_square + self.eps)  # x / RMS(x)
+        return normed.type_as(x) * self.weight  # a learned gain per channel, no bias
 
 
 def rope(head_dim: int, positions, theta: float) -> tuple:
     """cos and sin of the angles pos * theta^(-2i/head_dim), in float32, each of shape
     (*positions.shape, head_dim/2)."""
     i = torch.arange(0, head_dim, 2, device=positions.device).float()
+    # one frequency a pair of channels, from 1 down to nearly 1/theta: fast turns for the first
+    # pairs (nearby tokens), slow ones for the last (distant tokens)
     freqs = 1.0 / theta ** (i / head_dim)
     angles = positions.float()[..., None] * freqs
     return angles.cos(), angles.sin()
@@ -77,7 +80,11 @@ def rope(head_dim: int, positions, theta: float) -> tuple:
 
 def apply_rope(x, cos, sin):
     """Rotate each pair (x[2i], x[2i+1]) of every head by its angle; x: (B, heads, T, head_dim)."""
+    # Meta's pairs are neighbours (2i, 2i+1): HF's checkpoints pair i with i + head_dim/2, and
+    # checkpoint.py reorders their q and k rows on the way in and out
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    # the 2-D rotation [[cos, -sin], [sin, cos]] of each pair (Su et al., 2021): a query and a key
+    # rotated by their positions meet at an angle that depends only on how far apart they are
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -95,10 +102,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
+        # project, then split the channels into heads: (B, heads, T, head_dim)
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # position enters by rotation, of queries and keys only (not values)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         if cache is not None:  # decoding: row r's keys and values go to its positions pos[r]
             cache_k, cache_v, rows, pos = cache
             cache_k[rows, :, pos] = k.transpose(1, 2)
@@ -108,7 +118,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads < self.n_heads
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        out = out.transpose(1, 2).reshape(B, T, -1)  # the heads side by side again: (B, T, dim)
+        return self.wo(out)
 
 
 class FeedForward(nn.Module):
@@ -119,7 +130,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU (Shazeer, 2020)
+        # SwiGLU (Shazeer, 2020): w1's SiLU gates w3's features, w2 projects back to dim
+        gate = F.silu(self.w1(x))
+        return self.w2(gate * self.w3(x))
 
 
 class Block(nn.Module):
@@ -133,6 +146,7 @@ class Block(nn.Module):
         self.dropout = args.dropout * layer_id / max(1, args.n_layers - 1)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
+        # pre-norm residual blocks: each sublayer reads a normalized copy and adds to x
         attended = self.attention(self.attention_norm(x), cos, sin, mask, cache)
         h = x + F.dropout(attended, self.dropout, self.training)
         fed = self.feed_forward(self.ffn_norm(h))
@@ -163,12 +177,15 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 h = layer(h, cos, sin)
             return self.output(self.norm(h))
-        # decoding: rows of the tables made once per cache
-        cos, sin = cache["cos"][pos][:, None], cache["sin"][pos][:, None]
-        mask = cache["causal"][pos][:, None]
-        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
+        # decoding: each row's tokens at its own positions, read from the tables made once per
+        # cache; the None is the heads' dimension, for broadcasting
+        cos = cache["cos"][pos][:, None]  # (B, 1, T, head_dim/2)
+        sin = cache["sin"][pos][:, None]
+        mask = cache["causal"][pos][:, None]  # (B, 1, T, cache length): what each token sees
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # (B, 1)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, (cache["k"][i], cache["v"][i], rows, pos))
+            layer_cache = (cache["k"][i], cache["v"][i], rows, pos)
+            h = layer(h, cos, sin, mask, layer_cache)
         return self.output(self.norm(h))
 
     def make_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
@@ -176,14 +193,16 @@ class Transformer(nn.Module):
         the RoPE angles (float32, whatever the model's dtype) and causal mask of those positions. A
         plain argument of forward, not the model's state: a compiled step reads whichever cache
         it is given."""
-        weight = self.output.weight
+        device = self.output.weight.device
+        dtype = dtype or self.output.weight.dtype
         n_kv_heads = self.args.n_kv_heads or self.args.n_heads
         shape = (batch_size, n_kv_heads, max_len, self.args.head_dim)
-        dtype = dtype or weight.dtype
-        keys = [torch.zeros(shape, dtype=dtype, device=weight.device) for _ in self.layers]
-        values = [torch.zeros(shape, dtype=dtype, device=weight.device) for _ in self.layers]
-        positions = torch.arange(max_len, device=weight.device)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        positions = torch.arange(max_len, device=device)
         cos, sin = rope(self.args.head_dim, positions, self.args.rope_theta)
+        # causal[i, j]: position i sees position j; a row's unwritten positions ahead of it
+        # hold zeros, hidden by this mask
         causal = positions[None, :] <= positions[:, None]
         return dict(k=keys, v=values, cos=cos, sin=sin, causal=causal)
 
@@ -232,7 +251,8 @@ class Tokenizer:
         return ids, mask
 
     def decode(self, ids) -> str:
-        return self.sp.decode([i for i in ids if i != self.bos_id and i < self.eot_id])
+        text_ids = [i for i in ids if i != self.bos_id and i < self.eot_id]  # BOS and EOT unsaid
+        return self.sp.decode(text_ids)
 
 
 # -----------------------------------------------------------------------------
