@@ -14,7 +14,8 @@ $ python compare.py --report judgments.jsonl --plot figure1.png
 $ python compare.py --report ratings.jsonl --plot figure3.png
 
 The answer files are jsonl with "prompt" and "response" (what sample.py --prompts writes),
-matched by prompt. Every judgment and rating is appended to --out at once, and a rerun continues.
+matched by prompt. Every judgment and rating is appended to --out at once, and a rerun continues
+(a skipped item is asked again); one run at a time writes to an --out.
 The annotator defaults to the login name, with --judge to the judge model's; with --report,
 --annotator keeps only that annotator's. --judge takes http://host:port, .../v1 or
 .../v1/chat/completions; the key comes from OPENAI_API_KEY. --both_orders is MT-Bench's rule: a
@@ -24,17 +25,24 @@ verdict stands when the two orders agree, else it is a tie. --rate draws --sampl
 """
 import argparse
 import getpass
+import http.client
 import json
 import os
 import random
 import re
 import statistics
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections import Counter
 from itertools import accumulate
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock on --out, one run at a time is up to you
+    fcntl = None
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +84,9 @@ if args.sample < 0:
 
 LABELS = ("A", "tie", "B", "skip", "unparsed")  # the file judged better, neither, or no judgment
 RATINGS = ("Fail", "Pass", "Excellent", "skip", "unparsed")  # LIMA §4.3's three, or none
+VERDICTS = LABELS[:3] + RATINGS[:3]  # final: a skip is asked again, an unparsed one TRIES times
 TRIES = 3  # a judge's unparseable verdict is retried at most twice, never guessed
+MAX_REPLY = 4 << 20  # bytes: a chat completion is a few kB; a bigger reply is no verdict
 SWAP = {"A": "B", "B": "A"}
 STATS = {"a_better": "A better", "tie": "tie", "b_better": "B better",  # JSON key: printed name
          "a_as_good_or_better": "A as good or better"}
@@ -93,16 +103,19 @@ COLORS = {"A": "#55a868", "tie": "#b0b0b0", "B": "#c44e52",
 def read_jsonl(path, valid, what):
     """The JSON objects of a jsonl file; one error line naming file:line for anything else."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         sys.exit(f"error: {path}: no such file")
     except (OSError, UnicodeDecodeError) as e:
         sys.exit(f"error: {path}: cannot read it as UTF-8 text ({e})")
+    lines = text.split("\n")  # not splitlines: sample.py writes U+2028 and U+0085 raw, in a line
+    if lines[-1] == "":  # after the last line's newline
+        lines.pop()
     rows = []
     for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             row = None
         if not (isinstance(row, dict) and valid(row)):
             sys.exit(f"error: {path}:{n}: expected {what}")
@@ -178,10 +191,16 @@ def text_bar(point):
 
 
 def label_counts(rows, field):
-    """annotator -> Counter of the labels (or ratings) in field, skips and unparsed included."""
-    counts = {}
+    """annotator -> Counter of the items' labels (or ratings) in field: each item once, by its last
+    verdict, else by its last skip or unparsed verdict (a skipped item judged later is judged)."""
+    last = {}  # (annotator, prompt, order) -> label; order as in last_verdicts
     for row in rows:
-        counts.setdefault(row["annotator"], Counter())[row[field]] += 1
+        item = (row["annotator"], row["prompt"], row["first"] if row.get("both_orders") else "")
+        if row[field] in VERDICTS or last.get(item) not in VERDICTS:
+            last[item] = row[field]
+    counts = {}
+    for (who, _, _), label in last.items():
+        counts.setdefault(who, Counter())[label] += 1
     return counts
 
 
@@ -343,7 +362,7 @@ def holds_ratings(path):
     try:
         with open(path, encoding="utf-8") as f:
             first = json.loads(f.readline())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(first, dict) and "rating" in first
 
@@ -457,6 +476,30 @@ if args.report:
 # -----------------------------------------------------------------------------
 # Judge a pair's answers or rate one file's: the items, and what was done before
 
+
+def claim_out(path):
+    """--out opened for appending, unbuffered (a failed write is undone whole), and locked while
+    this run lives: one writer a file. A last line without its newline (a write cut short) is
+    dropped: each line ends where one write did."""
+    try:
+        f = open(path, "ab", buffering=0)
+    except OSError as e:
+        sys.exit(f"error: --out {path}: cannot write to it ({e.strerror})")
+    try:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: --out {path}: another compare.py is writing there; wait for it or give "
+                 "another --out")
+    text = path.read_bytes()
+    if text and not text.endswith(b"\n"):
+        whole = text.rfind(b"\n") + 1
+        print(f"{path}: dropping a cut-short last line ({len(text) - whole} bytes)",
+              file=sys.stderr)
+        f.truncate(whole)
+    return f
+
+
 if judging:
     A, B = args.answers
     answers = {"A": read_answers(A), "B": read_answers(B)}
@@ -480,13 +523,14 @@ else:
 out = Path(args.out)
 if not out.parent.is_dir():
     sys.exit(f"error: --out {out}: no directory {out.parent}")
+out_file = claim_out(out)  # before reading it: what was done before cannot change under this run
 annotator = args.annotator or args.judge_model or getpass.getuser()
 field = "rating" if rating else "label"
 if rating:
-    past = read_jsonl(out, is_rating, RATING) if out.exists() else []
+    past = read_jsonl(out, is_rating, RATING)
     past = [r for r in past if (r["answers"], r["annotator"]) == (args.rate, annotator)]
 else:
-    past = read_jsonl(out, is_judgment, JUDGMENT) if out.exists() else []
+    past = read_jsonl(out, is_judgment, JUDGMENT)
     past = [j for j in past if (j["a"], j["b"], j["annotator"]) == (A, B, annotator)]
     if any(j.get("both_orders", False) != args.both_orders for j in past):
         protocol = "in one order" if args.both_orders else "in both orders"
@@ -502,7 +546,7 @@ def slot_of(row):
 
 
 unparsed = Counter(slot_of(row) for row in past if row[field] == "unparsed")
-judged = {slot_of(row): row[field] for row in past if row[field] != "unparsed"}
+judged = {slot_of(row): row[field] for row in past if row[field] in VERDICTS}  # skips: asked again
 rng = random.Random(args.seed)
 slots = prompts
 if args.both_orders:  # each item twice, the answers swapped; the second time after all the others
@@ -564,33 +608,68 @@ RATE_LABELS = {"f": "Fail", "p": "Pass", "e": "Excellent", "s": "skip", None: "u
                "fail": "Fail", "pass": "Pass", "excellent": "Excellent"}  # keys, then verdicts
 
 
+def post(request, outcome):
+    """Sends request; appends to outcome the reply's body (None: over MAX_REPLY bytes) or what went
+    wrong. Runs in a thread, so that however slowly the server sends, ask_judge waits --timeout."""
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            body = response.read(MAX_REPLY + 1)  # never more, however much the server sends
+        outcome.append(body if len(body) <= MAX_REPLY else None)
+    except Exception as e:  # raised again by ask_judge, in the main thread
+        outcome.append(e)
+
+
+def reply_content(body):
+    """The message content of a chat completion's body; None where there is no string there."""
+    try:
+        completion = json.loads(body)  # ValueError: not JSON at all, a server that is no judge
+        content = completion["choices"][0]["message"]["content"]
+    except (RecursionError, LookupError, TypeError):  # nested too deep, keys missing, not a dict
+        return None
+    return content if isinstance(content, str) else None
+
+
 def ask_judge(content):
-    """The judge's reply to one item; a network or server failure ends the run (a rerun resumes)."""
+    """The judge's reply to one item ("" where it holds no text: an unparseable verdict); a network
+    or server failure, or no reply within --timeout, ends the run (a rerun resumes)."""
     message = {"role": "user", "content": content}
     body = {"model": args.judge_model, "messages": [message]}
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+    outcome = []
+    thread = threading.Thread(target=post, args=(request, outcome), daemon=True)
+    thread.start()
+    thread.join(args.timeout)  # a thread still waiting on the server ends with the run
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:
-            return json.loads(response.read())["choices"][0]["message"]["content"] or ""
+        if not outcome:
+            raise TimeoutError
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        body = outcome[0]
+        reply = None if body is None else reply_content(body)
+        if reply is None:
+            what = f"over {MAX_REPLY >> 20} MB" if body is None else "without a string as content"
+            print(f"warning: judge {url}: a reply {what}, taken as an unparseable verdict",
+                  file=sys.stderr)
+        return reply or ""
     except urllib.error.HTTPError as e:
         why = f"HTTP {e.code} {e.reason}"
-    except OSError as e:  # urllib.error.URLError is one
+    except (OSError, http.client.HTTPException) as e:  # urllib.error.URLError is an OSError
         reason = getattr(e, "reason", e)
         why = str(reason)
         if isinstance(reason, TimeoutError):
             why = f"no reply within --timeout {args.timeout:g} s"
-    except (ValueError, LookupError, TypeError, AttributeError):
+    except ValueError:
         why = "the reply is not an OpenAI chat completion"
     sys.exit(f"error: judge {url}: {why}; {len(judged)} of {len(slots)} {done}, rerun to continue")
 
 
 def parse_verdict(reply, pattern):
     """The verdict on the reply's last line, lowercased ("1", "neither", "pass"); None for all
-    else."""
-    lines = reply.strip().splitlines() or [""]
+    else. A line ends at a newline only, as in the instruction: U+2028 starts no verdict line."""
+    lines = reply.strip().split("\n")
     last = lines[-1].strip(" *`")  # markdown around it is allowed
     verdict = re.fullmatch(pattern, last, re.I)
     return verdict.group(1).lower() if verdict else None
@@ -660,6 +739,20 @@ def rating_item(prompt, progress):
     return record, RATE_INSTRUCTION.format(prompt, answer), screen, RATE_LABELS
 
 
+def append(f, row):
+    """One line to f (--out) in one write: a failed write (a full disk) is undone, so that every
+    line there is whole and a rerun continues from them."""
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+    size = f.seek(0, os.SEEK_END)
+    try:
+        written = 0
+        while written < len(data):  # an unbuffered write may take part of it
+            written += f.write(data[written:])
+    except OSError as e:
+        f.truncate(size)
+        sys.exit(f"error: --out {out}: cannot write to it ({e.strerror}); rerun to continue")
+
+
 def annotate(f, item, progress, tries):
     """Asks the judge (up to tries times, until its verdict parses) or the person about one item;
     every answer is written to f at once. The label; None when no verdict of the judge parsed."""
@@ -676,9 +769,7 @@ def annotate(f, item, progress, tries):
             key = ask_person(screen, KEYS, ("1", "2", "t", "s"))
             extra = {}
         label = labels[key]
-        row = {**record, field: label, **extra}
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()  # at once: an interrupted run loses nothing
+        append(f, {**record, field: label, **extra})  # at once: an interrupted run loses nothing
         if args.judge:
             print(f"{progress} {'unparseable verdict' if key is None else done}")
         if key is not None:  # a person's key is never None
@@ -694,24 +785,24 @@ if args.judge:
 if rating and not args.judge and todo:
     print(RATE_GUIDE)
 try:
-    with open(out, "a", encoding="utf-8") as f:
-        for i, slot in enumerate(todo):
-            progress = f"[{len(slots) - len(todo) + i + 1}/{len(slots)}]"
-            if rating:
-                item = rating_item(slot, progress)
-            else:
-                item = pair_item(slot, progress)
-            label = annotate(f, item, progress, TRIES - unparsed[slot])
-            if label is not None:
-                judged[slot] = label
+    for i, slot in enumerate(todo):
+        progress = f"[{len(slots) - len(todo) + i + 1}/{len(slots)}]"
+        if rating:
+            item = rating_item(slot, progress)
+        else:
+            item = pair_item(slot, progress)
+        label = annotate(out_file, item, progress, TRIES - unparsed[slot])
+        if label is not None:
+            judged[slot] = label
 except KeyboardInterrupt:  # q, Ctrl-C or the end of input: everything judged is already in --out
     print("\nstopped; rerun the same command to continue", file=sys.stderr)
 
 # only now the annotator learns which file was which
 summary = f"Summary: python compare.py --report {out}"
+count = Counter(judged.values())
+n_judged = len(judged) - count["skip"]  # this run's skips are asked again on a rerun
 if rating:
-    count = Counter(judged.values())
-    print(f"\n{annotator}, {len(judged)} of {len(slots)} rated: Fail {count['Fail']}, "
+    print(f"\n{annotator}, {n_judged} of {len(slots)} rated: Fail {count['Fail']}, "
           f"Pass {count['Pass']}, Excellent {count['Excellent']}, skipped {count['skip']}. "
           f"{summary}")
 elif args.both_orders:
@@ -724,6 +815,5 @@ elif args.both_orders:
     print(f"\n{annotator}, {len(verdicts)} of {len(prompts)} judged in both orders: {A} better "
           f"{count['A']}, tie {count['tie']}, {B} better {count['B']}. {summary}")
 else:
-    count = Counter(judged.values())
-    print(f"\n{annotator}, {len(judged)} of {len(prompts)} judged: {A} better {count['A']}, "
+    print(f"\n{annotator}, {n_judged} of {len(prompts)} judged: {A} better {count['A']}, "
           f"tie {count['tie']}, {B} better {count['B']}, skipped {count['skip']}. {summary}")

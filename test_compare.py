@@ -1,5 +1,6 @@
 """compare.py: blind annotation, resume, a judge model over HTTP (a loopback stub), both orders, ratings,
 the report's numbers and its figures."""
+import fcntl
 import json
 import os
 import re
@@ -32,7 +33,8 @@ def write_answers(path, responses, prompts=None):
 
 
 def judgments(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The rows of a jsonl that compare.py wrote: lines end at a newline only (U+2028 stands raw in a line)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")[:-1]]
 
 
 def report(path, cwd, *flags):
@@ -77,11 +79,13 @@ def test_keys_and_resume_after_quit_and_end_of_input(tmp_path):
     assert [j["label"] for j in js] == [js[0]["first"], "tie"]
     r = run("s\n2\n1\n")  # end of input after three lines: stops as q does
     assert "2 judged before, 8 to go" in r.stdout and "[3/10]" in r.stdout and "[6/10]" in r.stdout
-    r = run("1\n" * 10)
-    assert "5 judged before, 5 to go" in r.stdout and "[6/10]" in r.stdout and "[5/10]" not in r.stdout
+    assert "ana, 4 of 10 judged: " in r.stdout and "skipped 1." in r.stdout  # the skip is no judgment
+    r = run("1\n" * 10)  # the skipped item is asked again, in its place
+    assert "4 judged before, 6 to go" in r.stdout and "[5/10]" in r.stdout and "[4/10]" not in r.stdout
+    assert re.findall(r"\] =+\n(prompt \d+)\n", r.stdout) == [f"prompt {i}" for i in (2, 5, 6, 7, 8, 9)]
     js = judgments(tmp_path / "j.jsonl")
-    assert sorted(j["prompt"] for j in js) == sorted(f"prompt {i}" for i in range(10))  # each exactly once
-    assert [j["label"] for j in js][2] == "skip"
+    assert [j["prompt"] for j in js] == [f"prompt {i}" for i in (0, 1, 2, 3, 4, 2, 5, 6, 7, 8, 9)]
+    assert [j["label"] for j in js][2] == "skip" and js[5]["label"] == js[5]["first"]
     assert "10 judged before, 0 to go" in run("").stdout
     assert "0 judged before, 10 to go" in run("", who="bob").stdout  # resume is per annotator
 
@@ -133,6 +137,33 @@ def test_resume_after_the_process_is_killed(tmp_path):
     assert [j["label"] for j in js] == ["tie"] * k + [j["first"] for j in js[k:]]
 
 
+def test_a_skipped_item_is_asked_again_and_counts_once_by_its_verdict(tmp_path):
+    a = write_answers(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(3)])
+    b = write_answers(tmp_path / "b.jsonl", [f"beta {i}" for i in range(3)])
+    run = lambda keys: compare(a, b, "--out", "j.jsonl", "--annotator", "ana", input=keys, cwd=tmp_path)
+    r = run("s\n1\n2\n")
+    assert r.returncode == 0 and "ana, 2 of 3 judged: " in r.stdout and "skipped 1." in r.stdout
+    r = run("t\n")
+    assert "2 judged before, 1 to go" in r.stdout and "3 of 3 judged: " in r.stdout and "skipped 0." in r.stdout
+    assert re.findall(r"\] =+\n(prompt \d+)\n", r.stdout) == ["prompt 0"]  # only the skipped one
+    assert [(j["prompt"], j["label"]) for j in judgments(tmp_path / "j.jsonl")][::3] == [("prompt 0", "skip"),
+                                                                                        ("prompt 0", "tie")]
+    assert "3 judged before, 0 to go" in run("").stdout
+    _, [s] = report("j.jsonl", tmp_path)
+    assert s["n"] == 3 and s["tie"] == round(1 / 3, 4)
+    assert sum(s["annotators"]["ana"].values()) == 3 and "skip" not in s["annotators"]["ana"]  # judged, not skipped
+    # ratings alike: the skipped answer is asked again, and counted by its rating
+    rate_file(tmp_path, n=2)
+    rate = lambda keys: compare("--rate", "lima.jsonl", "--out", "r.jsonl", "--sample", 0, "--annotator", "ana",
+                                input=keys, cwd=tmp_path)
+    assert "2 prompts, 0 rated before, 2 to go" in rate("s\ne\n").stdout
+    r = rate("p\n")
+    assert "2 prompts, 1 rated before, 1 to go" in r.stdout
+    assert "2 of 2 rated: Fail 0, Pass 1, Excellent 1" in r.stdout
+    _, [s] = report("r.jsonl", tmp_path)
+    assert (s["n"], s["pass"], s["annotators"]) == (2, 0.5, {"ana": {"Pass": 1, "Excellent": 1}})
+
+
 # -----------------------------------------------------------------------------
 # A judge model: a stub OpenAI-compatible server on the loopback interface
 
@@ -140,14 +171,22 @@ def test_resume_after_the_process_is_killed(tmp_path):
 class Judge(BaseHTTPRequestHandler):
     mode, requests, garbage = "mark", [], ["Verdict: 1 or 2", "Answer 1 is significantly better.", "Verdict:"]
     delay = 0  # seconds before each reply
+    gate = None  # a threading.Event: each reply waits until it is set
+    preamble, joint = "Both fine.", "\n"  # the reply's content: preamble, joint, then the verdict line
+    body = None  # bytes: the reply's whole body instead of a chat completion
+    sent = []  # "drip" and "huge": the bytes of each body sent before the client hung up
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Judge.requests.append((self.path, self.headers.get("Authorization"), body))
         if Judge.mode == "500":
             return self.send_error(500)
+        if Judge.mode in ("drip", "huge"):
+            return self.stream()
         if Judge.mode == "slow":
             time.sleep(1.5)
+        if Judge.gate:
+            Judge.gate.wait(30)
         time.sleep(Judge.delay)
         text = body["messages"][0]["content"]
         if "[Answer 1]" in text:
@@ -164,15 +203,33 @@ class Judge(BaseHTTPRequestHandler):
         asked = sum(text == t["messages"][0]["content"] for _, _, t in Judge.requests)
         if Judge.mode == "garbage_once" and asked == 1:
             verdict = "I prefer the first one."
-        message = {"role": "assistant", "content": f"Both fine.\n**{verdict}**"}
-        reply = json.dumps({"choices": [{"message": message}]})
+        message = {"role": "assistant", "content": f"{Judge.preamble}{Judge.joint}**{verdict}**"}
+        reply = Judge.body or json.dumps({"choices": [{"message": message}]}).encode()
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(reply.encode())
+            self.wfile.write(reply)
         except OSError:  # the client gave up waiting ("slow")
             pass
+
+    def stream(self):
+        """Headers at once, then a body of spaces that comes a byte a second ("drip": 100 bytes) or is 64 MiB
+        ("huge"), until the client hangs up."""
+        size, chunk, pause = (100, b" ", 1) if Judge.mode == "drip" else (64 << 20, b" " * (1 << 20), 0)
+        sent = 0
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            while sent < size:
+                self.wfile.write(chunk)
+                sent += len(chunk)
+                time.sleep(pause)
+        except OSError:  # the client hung up
+            pass
+        Judge.sent.append(sent)
 
     def log_message(self, *args):
         pass
@@ -183,7 +240,8 @@ def judge():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    Judge.mode, Judge.requests, Judge.delay = "mark", [], 0
+    Judge.mode, Judge.requests, Judge.delay, Judge.body, Judge.sent = "mark", [], 0, None, []
+    Judge.preamble, Judge.joint, Judge.gate = "Both fine.", "\n", None
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -251,6 +309,160 @@ def test_judge_http_error_and_timeout_stop_with_one_line_and_resume(tmp_path, ju
     r = run()
     assert r.returncode == 0 and "0 judged before, 6 to go" in r.stdout
     assert [j["label"] for j in judgments(tmp_path / "j.jsonl")] == ["A", "B", "tie"] * 2
+
+
+def test_judge_dripping_its_reply_is_given_up_at_the_timeout(tmp_path, judge):
+    a, b = judge_files(tmp_path, n=2)
+    Judge.mode = "drip"  # the headers at once, then a byte a second: every read is quick, the reply never ends
+    start = time.monotonic()
+    r = compare(a, b, "--out", "j.jsonl", "--judge", judge, "--judge_model", "m", "--timeout", 2, cwd=tmp_path)
+    assert time.monotonic() - start < 6 and r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: judge {judge}/v1/chat/completions: no reply within --timeout "
+                                             "2 s; 0 of 2 judged, rerun to continue"]
+    assert not (tmp_path / "j.jsonl").read_text()
+
+
+def test_judge_reply_over_4_mb_is_an_unparseable_verdict_read_no_further(tmp_path, judge):
+    a, b = judge_files(tmp_path, n=1)
+    Judge.mode = "huge"  # a 64 MiB body, streamed
+    r = compare(a, b, "--out", "j.jsonl", "--judge", judge, "--judge_model", "m", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    warning = f"warning: judge {judge}/v1/chat/completions: a reply over 4 MB, taken as an unparseable verdict"
+    assert r.stderr.strip().splitlines() == [warning] * 3  # asked three times, as any unparseable verdict
+    assert [j["label"] for j in judgments(tmp_path / "j.jsonl")] == ["unparsed"] * 3
+    deadline = time.time() + 10
+    while len(Judge.sent) < 3 and time.time() < deadline:  # the server notices the hang-up
+        time.sleep(0.02)
+    assert len(Judge.sent) == 3 and max(Judge.sent) < 32 << 20  # 4 MiB read, the rest never sent
+
+
+@pytest.mark.parametrize("body", [
+    {"choices": [{"message": {"content": 42}}]},
+    {"choices": [{"message": {"content": ["Verdict: 1"]}}]},
+    {"choices": [{"message": {"content": None}}]},
+    {"choices": [{"message": {}}]},
+    {"choices": []},
+    {"choices": "Verdict: 1"},
+    [1, 2],
+    "Verdict: 1",
+    "deep",
+])
+def test_judge_reply_without_a_string_content_is_an_unparseable_verdict(tmp_path, judge, body):
+    a, b = judge_files(tmp_path, n=1)
+    Judge.body = ("[" * 100_000 + "]" * 100_000 if body == "deep" else json.dumps(body)).encode()
+    r = compare(a, b, "--out", "j.jsonl", "--judge", judge, "--judge_model", "m", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    warning = f"warning: judge {judge}/v1/chat/completions: a reply without a string as content, taken as an " \
+              "unparseable verdict"
+    assert r.stderr.strip().splitlines() == [warning] * 3
+    assert [(j["label"], j["reply"]) for j in judgments(tmp_path / "j.jsonl")] == [("unparsed", "")] * 3
+
+
+def test_u2028_and_u0085_in_answers_and_replies_are_no_line_breaks(tmp_path, judge):
+    """sample.py writes --output with ensure_ascii=False: U+2028, U+2029 and U+0085 stand raw inside a line, and
+    so they do in the judgments, which keep the judge's reply."""
+    prompts = ["Tea\u2028time?", "Plan\x85a trip.", "Why\u2029not?"]
+    for path, word, marked in (("a.jsonl", "alpha", 0), ("b.jsonl", "beta", 1)):
+        rows = [{"prompt": p, "response": f"{word}\u2028{i}\x85" + (MARK if i == marked else ""), "tokens": 3,
+                 "stopped_at_eot": True} for i, p in enumerate(prompts)]
+        (tmp_path / path).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
+                                     encoding="utf-8")
+    Judge.preamble = "Both\u2028fine\x85."
+    run = lambda: compare("a.jsonl", "b.jsonl", "--out", "j.jsonl", "--judge", judge, "--judge_model", "m",
+                          cwd=tmp_path)
+    r = run()
+    assert r.returncode == 0 and "0 judged before, 3 to go" in r.stdout, r.stderr
+    text = (tmp_path / "j.jsonl").read_text(encoding="utf-8")
+    assert "\u2028" in text and "\x85" in text and text.count("\n") == 3
+    js = judgments(tmp_path / "j.jsonl")
+    assert [(j["prompt"], j["label"]) for j in js] == list(zip(prompts, ["A", "B", "tie"]))
+    assert all(j["reply"].startswith("Both\u2028fine\x85.\n**Verdict: ") for j in js)
+    assert "3 judged before, 0 to go" in run().stdout and len(Judge.requests) == 3
+    _, [s] = report("j.jsonl", tmp_path)
+    assert (s["n"], s["a_better"], s["tie"], s["b_better"]) == (3, 0.3333, 0.3333, 0.3333)
+    # a verdict line ends at "\n": "Verdict: 1" after a U+2028 is not on a line of its own, and is not taken
+    Judge.joint = "\u2028"
+    r = compare("a.jsonl", "b.jsonl", "--out", "j.jsonl", "--judge", judge, "--judge_model", "m2", cwd=tmp_path)
+    assert r.returncode == 0 and [j["label"] for j in judgments(tmp_path / "j.jsonl")[3:]] == ["unparsed"] * 9
+
+
+# -----------------------------------------------------------------------------
+# --out: one writer, whole lines
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, judge):
+    a, b = judge_files(tmp_path, n=4)
+    Judge.gate = threading.Event()  # the judge keeps the first run waiting until the others are refused
+    cmd = [sys.executable, str(ROOT / "compare.py"), a, b, "--out", "j.jsonl", "--judge", judge,
+           "--judge_model", "m"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 20
+    while not Judge.requests and time.time() < deadline:  # the first has --out and waits on the judge
+        time.sleep(0.02)
+    refusal = ["error: --out j.jsonl: another compare.py is writing there; wait for it or give another --out"]
+    try:
+        for who in ("ana", "m"):  # a person, and the same judge again
+            r = compare(a, b, "--out", "j.jsonl", "--annotator", who, input="1\n" * 4, cwd=tmp_path)
+            assert (r.returncode, r.stderr.strip().splitlines(), r.stdout) == (1, refusal, "")
+    finally:
+        Judge.gate.set()
+    assert first.wait(timeout=30) == 0, first.stderr.read()
+    first.stderr.close()
+    js = judgments(tmp_path / "j.jsonl")
+    assert [(j["annotator"], j["label"]) for j in js] == [("m", "A"), ("m", "B"), ("m", "tie"), ("m", "A")]
+    # a lock held by another process refuses a rating run too, and leaves the file as it was, a torn tail and all
+    torn = (tmp_path / "j.jsonl").read_bytes() + b'{"a": "a.jsonl", "b": "b.js'
+    (tmp_path / "j.jsonl").write_bytes(torn)
+    rate_file(tmp_path, n=2)
+    with open(tmp_path / "j.jsonl", "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = compare("--rate", "lima.jsonl", "--out", "j.jsonl", "--sample", 0, input="p\np\n", cwd=tmp_path)
+        assert (r.returncode, r.stderr.strip().splitlines(), r.stdout) == (1, refusal, "")
+    assert (tmp_path / "j.jsonl").read_bytes() == torn
+
+
+def test_a_cut_short_last_line_is_dropped_and_the_rerun_continues(tmp_path):
+    a = write_answers(tmp_path / "a.jsonl", [f"alpha {i}" for i in range(4)])
+    b = write_answers(tmp_path / "b.jsonl", [f"beta {i}" for i in range(4)])
+    run = lambda keys: compare(a, b, "--out", "j.jsonl", "--annotator", "ana", input=keys, cwd=tmp_path)
+    assert run("1\n1\n1\n").returncode == 0
+    lines = (tmp_path / "j.jsonl").read_bytes().split(b"\n")[:3]
+    cut = lines[2][:-9]  # a run killed in the middle of writing its third judgment
+    (tmp_path / "j.jsonl").write_bytes(lines[0] + b"\n" + lines[1] + b"\n" + cut)
+    r = run("2\n2\n")
+    assert r.returncode == 0 and r.stderr.startswith(f"j.jsonl: dropping a cut-short last line ({len(cut)} bytes)")
+    assert "2 judged before, 2 to go" in r.stdout
+    kept = (tmp_path / "j.jsonl").read_bytes()
+    assert kept.startswith(lines[0] + b"\n" + lines[1] + b"\n{") and kept.endswith(b"\n")
+    js = judgments(tmp_path / "j.jsonl")
+    assert [j["prompt"] for j in js] == [f"prompt {i}" for i in range(4)]
+    assert [j["label"] for j in js[2:]] == [{"A": "B", "B": "A"}[j["first"]] for j in js[2:]]
+
+
+def test_full_disk_leaves_whole_lines_and_the_rerun_continues(tmp_path, judge):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        a, b = judge_files(tmp_path, n=6)
+        Judge.preamble = "x" * 20_000  # judgments of 20 kB: three fit in 64 kB, the fourth in part
+        out = disk / "j.jsonl"
+        run = lambda: compare(a, b, "--out", out, "--judge", judge, "--judge_model", "m", cwd=tmp_path)
+        r = run()
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip().splitlines() == [f"error: --out {out}: cannot write to it (No space left on "
+                                                 "device); rerun to continue"]
+        kept = out.read_bytes()
+        assert kept.endswith(b"\n") and len(judgments(out)) == 3  # the torn fourth line is undone
+        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
+        r = run()
+        assert r.returncode == 0 and "3 judged before, 3 to go" in r.stdout, r.stderr
+        assert out.read_bytes().startswith(kept)
+        assert [j["label"] for j in judgments(out)] == ["A", "B", "tie"] * 2
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 # -----------------------------------------------------------------------------
@@ -321,6 +533,32 @@ def test_bad_judgments_file(tmp_path, line):
     r = compare("--report", "j.jsonl", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.startswith("error: j.jsonl:2: expected a judgment")
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_100000_deep_json_line_is_one_line_naming_file_and_line(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    write_answers(tmp_path / "a.jsonl", ["r"], ["p"])
+    judgment = json.dumps({"a": "a.jsonl", "b": "b.jsonl", "annotator": "ana", "prompt": "p", "first": "A",
+                           "label": "A"})
+    rating = json.dumps({"answers": "a.jsonl", "annotator": "ana", "prompt": "p", "rating": "Pass"})
+    cases = [  # (the file, its first line, the command, what line 2 should be)
+        ("b.jsonl", '{"prompt": "p", "response": "r"}', ["a.jsonl", "b.jsonl", "--out", "j.jsonl"],
+         'a JSON object with "prompt"'),
+        ("j.jsonl", judgment, ["a.jsonl", "a.jsonl", "--out", "j.jsonl"], "a judgment"),  # resumed
+        ("j.jsonl", judgment, ["--report", "j.jsonl"], "a judgment"),
+        ("r.jsonl", rating, ["--rate", "a.jsonl", "--sample", 0, "--out", "r.jsonl"], "a rating"),
+        ("r.jsonl", rating, ["--report", "r.jsonl"], "a rating"),
+        ("j.jsonl", None, ["--report", "j.jsonl"], "a judgment"),  # the line that tells judgments from ratings
+    ]
+    for name, first, command, what in cases:
+        text = f"{first}\n{deep}\n" if first else f"{deep}\n"
+        (tmp_path / name).write_text(text)
+        r = compare(*command, input="1\n", cwd=tmp_path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-500:]
+        [line] = r.stderr.strip().splitlines()
+        assert line.startswith(f"error: {name}:{2 if first else 1}: expected {what}"), line
+        assert (tmp_path / name).read_text() == text
+        (tmp_path / name).unlink()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -507,7 +745,7 @@ def test_a_person_rates_blind_keys_and_skip(tmp_path):
     assert r.returncode == 0 and "lima.jsonl" not in r.stdout.split("Summary:")[0]  # blind to the file
     assert "Excellent: it meets them and is as good as or better than what an expert would write" in r.stdout
     assert [x["rating"] for x in judgments(tmp_path / "r.jsonl")] == ["Excellent", "Pass", "skip", "Fail"]
-    assert "4 of 4 rated: Fail 1, Pass 1, Excellent 1, skipped 1" in r.stdout
+    assert "3 of 4 rated: Fail 1, Pass 1, Excellent 1, skipped 1" in r.stdout
 
 
 def test_ratings_report_arithmetic_on_a_hand_made_file(tmp_path):
@@ -525,8 +763,8 @@ def test_ratings_report_arithmetic_on_a_hand_made_file(tmp_path):
                                  "bob": {"n": 4, "fail": 0.5, "pass": 0.0, "excellent": 0.5}}
     # shared p0..p3: E/E, P/F, F/F, E/E -> 3 of 4 the same
     assert s["agreement"] == [{"annotators": ["ana", "bob"], "items": 4, "agreement": 0.75}]
-    assert s["annotators"] == {"ana": {"Excellent": 2, "Pass": 2, "Fail": 1, "skip": 1},
-                               "bob": {"Excellent": 2, "Fail": 2, "Pass": 1}}
+    assert s["annotators"] == {"ana": {"Excellent": 2, "Pass": 2, "Fail": 1, "skip": 1},  # each item once:
+                               "bob": {"Excellent": 2, "Fail": 2}}  # p3 by its last rating
     assert (base["answers"], base["n"], base["fail"], base["ci95"]["fail"]) == ("base.jsonl", 1, 1.0, [1.0, 1.0])
     assert report("r.jsonl", tmp_path, "--seed", 2)[1][0]["ci95"] == s["ci95"]  # seeded
     assert "agreement ana - bob: 75.0% on 4 shared items (the same rating)" in text
