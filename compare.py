@@ -742,7 +742,8 @@ def rating_item(prompt, progress):
 def append(f, row):
     """One line to f (--out) in one write: a failed write (a full disk) is undone, so that every
     line there is whole and a rerun continues from them."""
-    data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+    # a lone surrogate (an answers file may escape one) goes back out as the escape it came in as
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
     size = f.seek(0, os.SEEK_END)
     try:
         written = 0

@@ -386,6 +386,19 @@ def test_u2028_and_u0085_in_answers_and_replies_are_no_line_breaks(tmp_path, jud
     assert r.returncode == 0 and [j["label"] for j in judgments(tmp_path / "j.jsonl")[3:]] == ["unparsed"] * 9
 
 
+def test_a_lone_surrogate_in_an_answers_file_is_judged_and_written_back_as_its_escape(tmp_path, judge):
+    """A hand-made answers file may hold the escape of a lone surrogate (no UTF-8 can encode it): the judgment
+    line keeps that escape, and reads back as the same prompt."""
+    for path, response in (("a.jsonl", "x"), ("b.jsonl", "y" + MARK)):
+        row = {"prompt": "Tea\ud800?", "response": response, "tokens": 3, "stopped_at_eot": True}
+        (tmp_path / path).write_text(json.dumps(row) + "\n")  # ASCII: the surrogate as \\ud800
+    r = compare("a.jsonl", "b.jsonl", "--out", "j.jsonl", "--judge", judge, "--judge_model", "m", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "Tea\\ud800?" in (tmp_path / "j.jsonl").read_text(encoding="utf-8")
+    [j] = judgments(tmp_path / "j.jsonl")
+    assert (j["prompt"], j["label"]) == ("Tea\ud800?", "B")
+
+
 # -----------------------------------------------------------------------------
 # --out: one writer, whole lines
 
