@@ -314,12 +314,16 @@ def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penal
     logits = penalize(logits.float(), seen, repetition_penalty)
     if temperature == 0:
         return logits.argmax(-1)
+    # below 1, temperature sharpens the distribution: the likely tokens gain, the tail loses
     probs = F.softmax(logits / temperature, dim=-1)
-    cdf = top_p_filter(probs, top_p).cumsum(-1)
+    kept = top_p_filter(probs, top_p)
+    cdf = kept.cumsum(-1)  # not renormalized: u is scaled to the kept total instead
     if u is None:
         u = torch.rand(len(logits), 1, device=logits.device)
-    # right=True: never a token of probability 0
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    # the first token whose running sum passes u's share of the total; right=True: never a token
+    # of probability 0
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return picked.squeeze(-1)
 
 
 def compile_step(step, cache, device):
@@ -333,7 +337,8 @@ def compile_step(step, cache, device):
         torch._dynamo.mark_dynamic(t, 0)  # (positions, head_dim/2)
     torch._dynamo.mark_dynamic(cache["causal"], [0, 1])  # (positions, positions)
     if device.type == "cuda":  # written in place, at the addresses the graph recorded
-        for t in [*cache["k"], *cache["v"], cache["cos"], cache["sin"], cache["causal"]]:
+        tables = [cache["cos"], cache["sin"], cache["causal"]]
+        for t in [*cache["k"], *cache["v"], *tables]:
             torch._dynamo.mark_static_address(t)
         return torch.compile(step, fullgraph=True, mode="reduce-overhead")
     return torch.compile(step, fullgraph=True, mode="max-autotune")
@@ -364,7 +369,8 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
     steps = max(limits)
     lens = torch.tensor(lens, device=device)
     limits = torch.tensor(limits, device=device)
-    tokens = torch.tensor([p + [0] * (L - len(p)) for p in prompts], device=device)  # right-padded
+    padded = [p + [0] * (L - len(p)) for p in prompts]  # right-padded to the longest
+    tokens = torch.tensor(padded, device=device)
 
     # one token a row at positions pos: the same shapes every step, so one compiled graph
     def step(tokens, cache, pos, seen, u):
@@ -373,15 +379,19 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
 
     if compile:
         step = compile_step(step, cache, device)
-    # a row longer than the cache has no budget (-1 only); its positions are clamped to fit
-    prompt_pos = (start_pos + torch.arange(L, device=device)).clamp(max=last).expand(B, L)
+    # the prompts in one forward ("prefill"). A row longer than the cache has no budget (-1
+    # only); its positions are clamped to fit
+    prompt_pos = start_pos + torch.arange(L, device=device)
+    prompt_pos = prompt_pos.clamp(max=last).expand(B, L)
     logits = model(tokens, cache, prompt_pos)
-    logits = logits[torch.arange(B, device=device), lens - 1]  # after each row's last prompt token
+    rows = torch.arange(B, device=device)
+    logits = logits[rows, lens - 1]  # after each row's last prompt token, not its padding
     seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
     done = limits < 1
     for k in range(steps):
         if isinstance(generator, list):  # each row draws from its own
-            u = torch.cat([torch.rand(1, 1, generator=g, device=device) for g in generator])
+            draws = [torch.rand(1, 1, generator=g, device=device) for g in generator]
+            u = torch.cat(draws)
         else:
             u = torch.rand(B, 1, generator=generator, device=device)
         if k == 0:
@@ -391,6 +401,7 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
             nxt = step(nxt.clamp(min=0), cache, pos, seen, u)
         nxt = torch.where(done, -1, nxt)
         yield nxt
+        # LIMA penalizes what was generated, not the prompt: seen starts empty
         seen.scatter_(1, nxt.clamp(min=0)[:, None], True)  # a finished row's is never read
         done |= (nxt == stop_id) | (k + 1 >= limits)
         # reading done stalls a GPU's queue (the loop's only read: the sampler reads nothing back),
