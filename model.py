@@ -274,28 +274,33 @@ def top_p_filter(probs, top_p: float):
     bits = probs.view(BITS[probs.dtype])  # a float >= 0 orders as its bits do, read as an integer
     mass = (probs * FIXED).long()  # exact for a float32 probability above 2^-37
     limit = (torch.full((1, 1), top_p, device=probs.device) * FIXED).ceil().long()  # float32 top_p
+    room = mass.sum(-1, keepdim=True) - limit  # the most mass the tokens below the edge may hold
     edge = torch.zeros_like(bits[:, :1])  # the edge's bits found so far, the lower ones 0
     # buckets no more than twice the vocabulary's size, at most 2^15: for LLaMA's 32,000 tokens
     # two levels of float32's 30 bits (the top 2 are 0 below 2.0)
     width = max(1, min(15, (probs.shape[-1] - 1).bit_length()))
+    hist = torch.empty(len(probs), 2**width + 2, dtype=torch.long, device=probs.device)
     for level in reversed(range(math.ceil((8 * probs.element_size() - 2) / width))):
         shift = level * width
         # bucket 0: the tokens below the range searched; then one per value of its next bits; above
-        bucket = ((bits - (edge - 2**shift)) >> shift).clamp_(0, 2**width + 1).long()
-        hist = torch.zeros(len(probs), 2**width + 2, dtype=torch.long, device=probs.device)
-        hist.scatter_add_(-1, bucket, mass)
-        # the mass above each bucket's most likely token, falling from bucket to bucket: the edge's
-        # bucket is the first with less than top_p above it (bucket 0 has more, unless all is kept)
-        at_or_below = hist.cumsum(-1)
-        before = at_or_below[:, -1:] - at_or_below
-        b = (before >= limit).sum(-1, keepdim=True).clamp_(min=1)
-        above = before.gather(-1, b)
-        edge += ((b - 1) << shift).to(edge.dtype)
-    # every token above the edge is kept, and of those tied at it as many as stay below the limit
+        start = edge - 2**shift  # bucket j holds bits from start + j * 2**shift
+        bucket = (bits - start).bitwise_right_shift_(shift).clamp_(0, 2**width + 1)
+        at_or_below = hist.zero_().scatter_add_(-1, bucket.long(), mass).cumsum(-1)
+        # the edge's bucket is the first whose running sum passes room (bucket 0's never does,
+        # unless all is kept)
+        b = torch.searchsorted(at_or_below, room, right=True).clamp_(min=1)
+        edge = start.add_(b.to(start.dtype), alpha=2**shift)
+    # every token above the edge is kept, and of those tied at it as many as stay below the limit:
+    # the fewest that leave out (with the tokens below the edge) no more than room
     mass_at_edge = (edge.view(probs.dtype) * FIXED).long().clamp_(min=1)
-    n_tied = (limit - above + mass_at_edge - 1) // mass_at_edge
-    tied = bits == edge
-    return torch.where((bits > edge) | (tied & (tied.cumsum(-1) <= n_tied)), probs, 0.0)
+    # a division rounding up; at most the vocabulary, to fit the ties' count below
+    n_tied = (-((room - at_or_below.gather(-1, b)) // mass_at_edge)).clamp_(max=probs.shape[-1])
+    # comparisons written into integers and floats, not bools, which a CPU vectorizes (2-5x
+    # faster), and the ties counted in their own dtype (counting in int64 costs up to 9x more)
+    over = bits - edge  # > 0 above the edge, 0 at it
+    ties = torch.eq(over, 0, out=torch.empty_like(over)).cumsum(-1, dtype=over.dtype)
+    past = (ties - n_tied.to(ties.dtype)).clamp_(0, 1)  # 1 from the first tie left out on
+    return torch.ge(over, past, out=torch.empty_like(probs)).mul_(probs)
 
 
 def penalize(logits, seen, penalty: float):
