@@ -7,10 +7,14 @@ matmul FLOP/s for training.
 $ python bench.py decode                             # the tiny shape, LLaMA's 32,001 tokens
 $ python bench.py decode --size 7B --dtype bfloat16  # on a GPU
 $ python bench.py train --dim 512 --n_layers 8 --n_heads 8 --seq_len 512
+$ git show HEAD~1:model.py > /tmp/before.py && python bench.py decode --against /tmp/before.py
 
---dim, --n_layers, --n_heads and --n_kv_heads change the shape that --size names.
+--dim, --n_layers, --n_heads and --n_kv_heads change the shape that --size names. --against times
+another model.py's generate on the same model and prompts, taking turns with this one's: a change's
+before and after in one run.
 """
 import argparse
+import importlib.util
 import time
 
 import torch
@@ -39,6 +43,7 @@ parser.add_argument("--seq_len", type=int, default=256, help="train: tokens per 
 parser.add_argument("--steps", type=int, default=5, help="train: timed steps after a warm-up")
 parser.add_argument("--repeat", type=int, default=3, help="timed runs of each; the best is kept")
 parser.add_argument("--no_hf", action="store_true", help="skip transformers")
+parser.add_argument("--against", help="decode: another model.py, its generate timed beside ours")
 args = parser.parse_args()
 
 cuda = torch.cuda.is_available()
@@ -161,21 +166,34 @@ if args.mode == "decode":
         steps = generate(model, prompts.tolist(), -2, n, compile=compiled, **ours_sampling)
         assert sum(1 for _ in steps) == n
 
+    def before():
+        steps = against.generate(model, prompts.tolist(), -2, n, compile=compiled, **ours_sampling)
+        assert sum(1 for _ in steps) == n
+
     def theirs():
         hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                     min_new_tokens=n, eos_token_id=None, pad_token_id=0, **hf_sampling)
 
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {weights / 1e6:.1f} MB of weights read "
           f"per step: bound {bound:,.0f} tokens/s at batch {B}")
-    runs = [ours] if hf is None else [ours, theirs]
+    runs = [ours]
+    if args.against:
+        spec = importlib.util.spec_from_file_location("against", args.against)
+        against = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(against)
+        runs.append(before)
+    if hf is not None:
+        runs.append(theirs)
     with torch.no_grad():
         speed = [B * n / t for t in best(*runs)]  # tokens per second
     print(f"lima:         {speed[0]:8,.0f} tokens/s  {speed[0] / bound:5.1%} of the bound  "
           f"(batch {B}, {args.prompt_len} prompt + {n} new tokens, "
           f"{'compiled' if compiled else 'eager'})")
+    if args.against:
+        print(f"{args.against}: {speed[1]:8,.0f} tokens/s  (lima {speed[0] / speed[1]:.2f}x)")
     if hf is not None:
-        print(f"transformers: {speed[1]:8,.0f} tokens/s  {speed[1] / bound:5.1%} of the bound  "
-              f"(lima {speed[0] / speed[1]:.2f}x)")
+        print(f"transformers: {speed[-1]:8,.0f} tokens/s  {speed[-1] / bound:5.1%} of the bound  "
+              f"(lima {speed[0] / speed[-1]:.2f}x)")
 else:
     # the bound: a large matmul's FLOP/s; a step's FLOPs are 6 per weight per token (forward,
     # backward) plus attention's 12 * layers * dim * seq_len per token (Chowdhery et al., 2022,

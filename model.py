@@ -304,12 +304,19 @@ def top_p_filter(probs, top_p: float):
 
 
 def penalize(logits, seen, penalty: float):
-    """Repetition penalty (Keskar et al., 2019) on the tokens seen (B, vocab, bool) in this answer:
-    positive logits are divided by penalty, negative ones multiplied: either way less likely."""
+    """Repetition penalty (Keskar et al., 2019) on the tokens seen (B, vocab: 1 where seen, else 0)
+    in this answer: positive logits are divided by penalty, negative ones multiplied: either way
+    less likely."""
     if penalty == 1.0 or seen is None:
         return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    # in float arithmetic, not torch.where on bools, which a CPU does not vectorize (3-4x slower):
+    # each logit is multiplied by times and divided by over, one of them penalty, the other 1
+    seen = seen.to(logits.dtype)
+    negative = torch.lt(logits, 0, out=torch.empty_like(logits)).mul_(seen)  # seen, negative
+    positive = seen - negative  # seen and positive (or 0, which either way stays 0)
+    times = (1 - negative).add_(negative, alpha=penalty)  # 1 + (penalty - 1) would round
+    over = (1 - positive).add_(positive, alpha=penalty)
+    return logits * times / over
 
 
 def sample_token(logits, seen=None, temperature=0.7, top_p=0.9, repetition_penalty=1.2, u=None):
@@ -391,7 +398,7 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
     logits = model(tokens, cache, prompt_pos)
     rows = torch.arange(B, device=device)
     logits = logits[rows, lens - 1]  # after each row's last prompt token, not its padding
-    seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+    seen = torch.zeros(logits.shape, device=device)  # 1.0 where generated: see penalize
     done = limits < 1
     for k in range(steps):
         if isinstance(generator, list):  # each row draws from its own
@@ -407,7 +414,7 @@ def generate(model, prompts: list, stop_id: int, max_new_tokens: int, temperatur
         nxt = torch.where(done, -1, nxt)
         yield nxt
         # LIMA penalizes what was generated, not the prompt: seen starts empty
-        seen.scatter_(1, nxt.clamp(min=0)[:, None], True)  # a finished row's is never read
+        seen.scatter_(1, nxt.clamp(min=0)[:, None], 1.0)  # a finished row's is never read
         done |= (nxt == stop_id) | (k + 1 >= limits)
         # reading done stalls a GPU's queue (the loop's only read: the sampler reads nothing back),
         # so there only every 16 steps; on a CPU it costs nothing

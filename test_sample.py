@@ -136,6 +136,17 @@ def test_repetition_penalty_sign_rule():
     want[0, 0], want[0, 1], want[1, 3] = 2.0 / 1.2, -1.0 * 1.2, -3.0 * 1.2
     assert torch.allclose(penalize(logits, generated, 1.2), want, rtol=1e-6, atol=0)
     assert torch.equal(penalize(logits, generated, 1.0), logits)
+    # bit for bit the rule as transformers writes it (a float32 divide or multiply by the penalty),
+    # for penalties where 1 + (penalty - 1) rounds to another float32; 0 and -0 keep their sign
+    wide = torch.randn(3, 5000) * 10
+    wide[:, :4] = torch.tensor([0.0, -0.0, 1e-30, -1e30])
+    mask = torch.rand(3, 5000) < 0.5
+    for penalty in (1.2, 1.8958727617381361, 0.7068525117844406, 4.029065448806512):
+        rule = torch.where(wide > 0, wide / penalty, wide * penalty)
+        want = torch.where(mask, rule, wide)
+        for mask_as in (mask, mask.float()):
+            got = penalize(wide, mask_as, penalty)
+            assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
     # through the sampler: penalising the winner hands the argmax to the runner-up, whatever the sign
     first = torch.tensor([[True, False, False]])
     assert sample_token(torch.tensor([[3.0, 2.6, 0.0]]), first, temperature=0).item() == 1
