@@ -14,6 +14,7 @@ another model.py's generate on the same model and prompts, taking turns with thi
 before and after in one run.
 """
 import argparse
+import functools
 import importlib.util
 import time
 
@@ -161,13 +162,9 @@ if args.mode == "decode":
         import torch._inductor.config
         torch._inductor.config.freezing = True
 
-    def ours():
+    def ours(decode=generate):  # or another model.py's generate (--against)
         # stop id -2: never stops early
-        steps = generate(model, prompts.tolist(), -2, n, compile=compiled, **ours_sampling)
-        assert sum(1 for _ in steps) == n
-
-    def before():
-        steps = against.generate(model, prompts.tolist(), -2, n, compile=compiled, **ours_sampling)
+        steps = decode(model, prompts.tolist(), -2, n, compile=compiled, **ours_sampling)
         assert sum(1 for _ in steps) == n
 
     def theirs():
@@ -181,7 +178,7 @@ if args.mode == "decode":
         spec = importlib.util.spec_from_file_location("against", args.against)
         against = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(against)
-        runs.append(before)
+        runs.append(functools.partial(ours, against.generate))
     if hf is not None:
         runs.append(theirs)
     with torch.no_grad():
