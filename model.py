@@ -273,23 +273,25 @@ def top_p_filter(probs, top_p: float):
         return probs
     bits = probs.view(BITS[probs.dtype])  # a float >= 0 orders as its bits do, read as an integer
     mass = (probs * FIXED).long()  # exact for a float32 probability above 2^-37
-    limit = (torch.full((1, 1), top_p, device=probs.device) * FIXED).ceil().long()  # float32 top_p
-    room = mass.sum(-1, keepdim=True) - limit  # the most mass the tokens below the edge may hold
-    edge = torch.zeros_like(bits[:, :1])  # the edge's bits found so far, the lower ones 0
+    fraction, exponent = math.frexp(top_p)  # the float32 nearest top_p: 24 bits, to nearest even
+    top_p32 = math.ldexp(round(fraction * 2**24), exponent - 24)
+    room = mass.sum(-1, keepdim=True) - math.ceil(top_p32 * FIXED)  # the most mass below the edge
     # buckets no more than twice the vocabulary's size, at most 2^15: for LLaMA's 32,000 tokens
     # two levels of float32's 30 bits (the top 2 are 0 below 2.0)
     width = max(1, min(15, (probs.shape[-1] - 1).bit_length()))
     hist = torch.empty(len(probs), 2**width + 2, dtype=torch.long, device=probs.device)
+    edge = 0  # the edge's bits found so far, the lower ones 0
     for level in reversed(range(math.ceil((8 * probs.element_size() - 2) / width))):
         shift = level * width
         # bucket 0: the tokens below the range searched; then one per value of its next bits; above
         start = edge - 2**shift  # bucket j holds bits from start + j * 2**shift
         bucket = (bits - start).bitwise_right_shift_(shift).clamp_(0, 2**width + 1)
-        at_or_below = hist.zero_().scatter_add_(-1, bucket.long(), mass).cumsum(-1)
+        at_or_below = hist.zero_().scatter_add_(-1, bucket.long(), mass).cumsum_(-1)
         # the edge's bucket is the first whose running sum passes room (bucket 0's never does,
         # unless all is kept)
         b = torch.searchsorted(at_or_below, room, right=True).clamp_(min=1)
-        edge = start.add_(b.to(start.dtype), alpha=2**shift)
+        edge = start + b * 2**shift
+    edge = edge.to(bits.dtype)
     # every token above the edge is kept, and of those tied at it as many as stay below the limit:
     # the fewest that leave out (with the tokens below the edge) no more than room
     mass_at_edge = (edge.view(probs.dtype) * FIXED).long().clamp_(min=1)
