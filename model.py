@@ -311,8 +311,8 @@ def penalize(logits, seen, penalty: float):
     less likely."""
     if penalty == 1.0 or seen is None:
         return logits
-    # in float arithmetic, not torch.where on bools, which a CPU does not vectorize (3.6x slower at
-    # batch 8): each logit is multiplied by times and divided by over, one of them penalty, one 1
+    # in float arithmetic, not torch.where on bools (0.96 against 0.72 ms at batch 8 in generate's
+    # loop, on a CPU): each logit is multiplied by times and divided by over, one penalty, one 1
     seen = seen.to(logits.dtype)
     negative = torch.lt(logits, 0, out=torch.empty_like(logits)).mul_(seen)  # seen, negative
     positive = seen - negative  # seen and positive (or 0, which either way stays 0)
